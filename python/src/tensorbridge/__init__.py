@@ -1,0 +1,53 @@
+"""TensorBridge: serve PyTorch models to PHP over a Unix socket and shared memory.
+
+The public API is what this module exports; everything in ``tensorbridge._*`` is internal.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._client import Client  # noqa: E402
+from ._config import ServerConfig, default_socket_path  # noqa: E402
+from ._errors import (  # noqa: E402
+    ConnectionError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidInputError,
+    ModelError,
+    ModelNotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ProtocolError,
+    TensorBridgeError,
+    TimeoutError,
+    UnauthorizedError,
+)
+from ._models import LoadedModel, ModelConfig, load_model  # noqa: E402
+from ._server import Server  # noqa: E402
+from ._signature import Signature, TensorSpec  # noqa: E402
+
+__all__ = [
+    "Client",
+    "ConnectionError",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidInputError",
+    "LoadedModel",
+    "ModelConfig",
+    "ModelError",
+    "ModelNotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "Server",
+    "ServerConfig",
+    "Signature",
+    "TensorBridgeError",
+    "TensorSpec",
+    "TimeoutError",
+    "UnauthorizedError",
+    "__version__",
+    "default_socket_path",
+    "load_model",
+]

@@ -1,0 +1,246 @@
+"""Loading models (TorchScript or eager factory + weights) and running them."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._errors import ModelError, OverloadedError
+from ._signature import ANY, Signature
+from ._spec import BY_NAME, BY_TORCH
+
+log = logging.getLogger("tensorbridge")
+
+
+@dataclass
+class ModelConfig:
+    """How to load and serve one model (one ``[models.NAME]`` table of the config file)."""
+
+    name: str
+    #: TorchScript file (``.pt``/``.ts``) or ``package.module:factory`` for an eager model.
+    source: str
+    #: state_dict for an eager model: ``.pth``/``.pt`` (torch.save) or ``.safetensors``.
+    weights: str | None = None
+    #: Input specs ``[{name, datatype, shape}]``; None = from the model or the factory.
+    inputs: list[Any] | None = None
+    #: Output specs; None = from the model, or inferred by the first warm-up run.
+    outputs: list[Any] | None = None
+    #: Warm-up runs at start (needs input shapes; -1 dims become 1).
+    warmup: int = 2
+    #: Requests computed at the same time; others wait in the queue.
+    max_concurrency: int = 1
+    #: Requests allowed to wait; beyond that the server answers OVERLOADED at once.
+    max_queue: int = 256
+    #: ``cpu`` or ``cuda[:N]``.
+    device: str = "cpu"
+    #: Extra keyword arguments for the factory.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_cli(cls, text: str) -> ModelConfig:
+        """Parse ``NAME=SOURCE`` or ``NAME=SOURCE@WEIGHTS`` from ``--model``."""
+        name, sep, source = text.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--model expects NAME=PATH or NAME=module:factory[@weights], "
+                             f"got {text!r}")
+        source, _, weights = source.partition("@")
+        return cls(name=name, source=source, weights=weights or None)
+
+
+class LoadedModel:
+    """A model kept in memory, with its signature and admission control."""
+
+    def __init__(self, config: ModelConfig, module: Any, signature: Signature) -> None:
+        self.config = config
+        self.name = config.name
+        self.module = module
+        self.signature = signature
+        self.device = torch.device(config.device)
+        self._slots = threading.Semaphore(config.max_concurrency)
+        self._lock = threading.Lock()
+        self._waiting = 0
+
+    def metadata(self) -> dict[str, Any]:
+        """Spec §4.1 entry for MODELS_OK."""
+        return {"name": self.name, **self.signature.as_dict()}
+
+    def run(self, inputs: Mapping[str, Any], deadline: float | None) -> tuple[dict[str, Any],
+                                                                              float]:
+        """Wait for a slot (bounded queue, deadline), then compute. Returns (outputs, waited s).
+
+        Raises ``OverloadedError`` at once when the queue is full, and ``TimeoutError`` (the
+        builtin) when the deadline passes before a slot frees up.
+        """
+        start = time.monotonic()
+        with self._lock:
+            if self._waiting >= self.config.max_queue + self.config.max_concurrency:
+                raise OverloadedError(
+                    f"model {self.name!r} has {self._waiting} requests queued or running "
+                    f"(max_queue={self.config.max_queue}); retry later or raise max_queue")
+            self._waiting += 1
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - start)
+            if not self._slots.acquire(timeout=timeout):
+                raise TimeoutError
+            try:
+                waited = time.monotonic() - start
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError
+                return self._call(inputs), waited
+            finally:
+                self._slots.release()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _call(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if self.device.type != "cpu":
+            inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
+                      else v for k, v in inputs.items()}
+        try:
+            with torch.inference_mode():
+                if self.signature.inputs is None:
+                    result = self.module(dict(inputs))
+                else:
+                    result = self.module(*(inputs[s.name] for s in self.signature.inputs))
+        except Exception as exc:  # the model's own failure, reported to the caller
+            raise ModelError(f"model {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+        return self._name_outputs(result)
+
+    def _name_outputs(self, result: Any) -> dict[str, Any]:
+        names = [s.name for s in self.signature.outputs]
+        if isinstance(result, Mapping):
+            out = dict(result)
+        elif isinstance(result, (tuple, list)) and not _is_bytes_list(result):
+            if len(result) != len(names):
+                raise ModelError(f"model {self.name!r} returned {len(result)} outputs but its "
+                                 f"signature names {len(names)}: {names}")
+            out = dict(zip(names, result))
+        else:
+            out = {names[0]: result}
+        for key, value in out.items():
+            if isinstance(value, torch.Tensor):
+                out[key] = value.detach().to("cpu").contiguous()
+            elif not _is_bytes_list(value):
+                raise ModelError(f"model {self.name!r} output {key!r} is a "
+                                 f"{type(value).__name__}; return tensors, or lists of bytes/str "
+                                 "for BYTES outputs")
+        return out
+
+
+def _is_bytes_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (bytes, str)) for v in value)
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load, ``eval()``, work out the signature and warm up one model, logging progress."""
+    t0 = time.monotonic()
+    log.info("loading model %r from %s%s", config.name, config.source,
+             f" with weights {config.weights}" if config.weights else "")
+    module, declared = _load_module(config)
+    if hasattr(module, "eval"):
+        module.eval()
+    if hasattr(module, "to") and config.device != "cpu":
+        module = module.to(config.device)
+    inputs = config.inputs if config.inputs is not None else declared.get("inputs",
+                                                                          _script_inputs(module))
+    outputs = config.outputs if config.outputs is not None else declared.get("outputs")
+    signature = Signature.parse(inputs, outputs)
+    model = LoadedModel(config, module, signature)
+    log.info("loaded %r in %.2f s", config.name, time.monotonic() - t0)
+    if config.warmup > 0:
+        example = _example_inputs(signature)
+        if example is None:
+            log.info("no warm-up for %r: its input shapes are not fully declared",
+                     config.name)
+        else:
+            t1 = time.monotonic()
+            for i in range(config.warmup):
+                result = model._call(example)
+                log.info("warm-up %r: run %d/%d", config.name, i + 1, config.warmup)
+            if outputs is None:
+                model.signature = _signature_from_run(signature, result)
+            log.info("warmed up %r in %.3f s", config.name, time.monotonic() - t1)
+    return model
+
+
+def _load_module(config: ModelConfig) -> tuple[Any, dict[str, Any]]:
+    source = config.source
+    if ":" in source and not Path(source).exists():
+        module_name, _, factory_name = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model {config.name!r}: cannot import {source!r}: {exc}") from exc
+        module = factory(**config.options)
+        if config.weights:
+            module.load_state_dict(_load_state_dict(config.weights))
+        declared = dict(getattr(module, "tensorbridge_signature", {}) or {})
+        return module, declared
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"model {config.name!r}: {source!r} is neither a file nor "
+                         "package.module:factory")
+    try:
+        return torch.jit.load(str(path), map_location=config.device), {}
+    except RuntimeError as exc:
+        raise ValueError(f"model {config.name!r}: {path} is not a TorchScript file "
+                         f"(torch.jit.save); eager models need module:factory: {exc}") from exc
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _script_inputs(module: Any) -> list[str] | None:
+    """Input names from a TorchScript schema (datatype and shape stay open)."""
+    forward = getattr(module, "forward", None)
+    schema = getattr(forward, "schema", None)
+    if schema is None:
+        return None
+    return [a.name for a in schema.arguments[1:]]
+
+
+def _example_inputs(signature: Signature) -> dict[str, Any] | None:
+    if signature.inputs is None:
+        return None
+    example = {}
+    for spec in signature.inputs:
+        if spec.shape is None or spec.datatype == ANY:
+            return None
+        shape = [1 if d == -1 else d for d in spec.shape]
+        dtype = BY_NAME[spec.datatype]
+        if dtype.torch is None:
+            example[spec.name] = [b""] * max(1, int(torch.Size(shape).numel()))
+        else:
+            example[spec.name] = torch.zeros(shape, dtype=dtype.torch)
+    return example
+
+
+def _signature_from_run(signature: Signature, result: Mapping[str, Any]) -> Signature:
+    """Fill in output datatypes/shapes seen in a warm-up run (leading dim left dynamic)."""
+    batch_dynamic = any(s.shape and s.shape[0] == -1 for s in signature.inputs or ())
+    outs = []
+    for name, value in result.items():
+        if isinstance(value, torch.Tensor) and value.dtype in BY_TORCH:
+            shape = list(value.shape)
+            if batch_dynamic and shape:
+                shape[0] = -1
+            outs.append({"name": name, "datatype": BY_TORCH[value.dtype].name, "shape": shape})
+        else:
+            outs.append({"name": name, "datatype": "BYTES", "shape": None})
+    return Signature.parse([s.as_dict() for s in signature.inputs or ()]
+                           if signature.inputs is not None else None, outs)
+

@@ -1,0 +1,1 @@
+"""Models that ship with tensorbridge: the ``digits`` demo model and small test models."""

@@ -1,0 +1,64 @@
+"""Tiny models for tests, demos and benchmarks. Each factory returns an ``nn.Module``.
+
+Use them as ``--model echo=tensorbridge.models.testing:echo``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _Echo(nn.Module):
+    tensorbridge_signature = {"inputs": None}
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return dict(inputs)
+
+
+class _Sleep(nn.Module):
+    tensorbridge_signature = {"inputs": [{"name": "ms", "datatype": "FP32", "shape": [1]}],
+                              "outputs": [{"name": "ms", "datatype": "FP32", "shape": [1]}]}
+
+    def forward(self, ms: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(ms[0]) / 1000.0)
+        return ms.clone()
+
+
+class _Fail(nn.Module):
+    tensorbridge_signature = {"inputs": None}
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise ValueError("this model always fails (tensorbridge.models.testing:fail)")
+
+
+class _Head(nn.Module):
+    tensorbridge_signature = {
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+        "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 1000]}]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)[:, :1000] + 1.0
+
+
+def echo() -> nn.Module:
+    """Returns every input unchanged, under the same name (any names, types and shapes)."""
+    return _Echo()
+
+
+def sleep() -> nn.Module:
+    """Sleeps ``ms[0]`` milliseconds, then returns ``ms``: for deadline and overload tests."""
+    return _Sleep()
+
+
+def fail() -> nn.Module:
+    """Always raises ``ValueError``: for error-path tests."""
+    return _Fail()
+
+
+def head() -> nn.Module:
+    """Takes a 1x3x224x224 FP32 image, returns its first 1000 values + 1 (a 4 KB output)."""
+    return _Head()
