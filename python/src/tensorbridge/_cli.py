@@ -122,11 +122,16 @@ def _query(args: argparse.Namespace) -> int:
         print(f"ok: {result['server']} {result['version']} (protocol {result['protocol']})")
     else:
         for m in result:
-            sig = lambda side: ", ".join(  # noqa: E731
-                f"{t['name']}:{t['datatype']}{t['shape'] if t['shape'] is not None else ''}"
-                for t in m[side]) if m[side] is not None else "any"
-            print(f"{m['name']}\n  inputs:  {sig('inputs')}\n  outputs: {sig('outputs')}")
+            print(f"{m['name']}\n  inputs:  {_describe(m['inputs'])}\n"
+                  f"  outputs: {_describe(m['outputs'])}")
     return EXIT_OK
+
+
+def _describe(specs: list[dict] | None) -> str:
+    if specs is None:
+        return "any"
+    return ", ".join(f"{t['name']}:{t['datatype']}{t['shape'] if t['shape'] is not None else ''}"
+                     for t in specs)
 
 
 def main(argv: list[str] | None = None) -> int:

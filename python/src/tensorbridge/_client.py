@@ -31,7 +31,6 @@ from ._wire import (
     TensorDesc,
     check_crc,
     crc32c,
-    decode_attach_ok,
     decode_bytes_items,
     decode_error,
     decode_header,
@@ -93,7 +92,8 @@ class Client:
         prepared = [(name, *_as_payload(value)) for name, value in inputs.items()]
         in_bytes = sum(_align(len(p[3]) if p[3] is not None else p[2].nbytes)
                        for p in prepared)
-        mm = self._region(in_bytes + 4096)
+        # Outputs often mirror inputs in size; larger ones still arrive, inline.
+        mm = self._region(2 * in_bytes + 65536)
         deadline = time.monotonic() + self.timeout
         offset, descs = 0, []
         for name, dtype, tensor, raw in prepared:

@@ -123,7 +123,7 @@ class LoadedModel:
             if len(result) != len(names):
                 raise ModelError(f"model {self.name!r} returned {len(result)} outputs but its "
                                  f"signature names {len(names)}: {names}")
-            out = dict(zip(names, result))
+            out = dict(zip(names, result, strict=True))
         else:
             out = {names[0]: result}
         for key, value in out.items():

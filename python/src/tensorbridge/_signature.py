@@ -28,10 +28,7 @@ class TensorSpec:
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)} in tensor spec {dict(raw)}")
         datatype = str(raw.get("datatype", raw.get("dtype", ANY)))
-        if datatype.upper() != ANY:
-            datatype = dtype_by_name(datatype).name
-        else:
-            datatype = ANY
+        datatype = ANY if datatype.upper() == ANY else dtype_by_name(datatype).name
         shape = raw.get("shape")
         if shape is not None:
             shape = tuple(int(d) for d in shape)
@@ -52,7 +49,7 @@ class TensorSpec:
         if self.shape is None:
             return None
         if len(shape) != len(self.shape) or any(
-                want not in (-1, got) for want, got in zip(self.shape, shape)):
+                want not in (-1, got) for want, got in zip(self.shape, shape, strict=True)):
             return (f"input {self.name!r} must have shape {list(self.shape)} (-1 = any size), "
                     f"got {list(shape)}")
         return None

@@ -1,0 +1,492 @@
+<?php
+
+declare(strict_types=1);
+
+namespace TensorBridge\Internal;
+
+use TensorBridge\DType;
+use TensorBridge\Exception\InvalidInputException;
+use TensorBridge\Exception\ProtocolException;
+
+/**
+ * Pure encoders/decoders for every frame of the wire protocol (spec §3-§7), both directions.
+ *
+ * Every length and offset is bounds-checked; violations raise ProtocolException.
+ *
+ * @internal
+ */
+final class Wire
+{
+    public const MAGIC = 0x31524254;
+    public const VERSION = 1;
+    public const HEADER_SIZE = 24;
+    public const MAX_BODY = 16777216;
+    public const FLAG_CRC = 1;
+    public const OPT_CRC = 1;
+    public const ALIGN = 64;
+    public const MAX_DIMS = 8;
+    public const FD_CARRIER = "\xFD";
+
+    public const ATTACH = 0x01;
+    public const ATTACH_OK = 0x81;
+    public const PING = 0x02;
+    public const PONG = 0x82;
+    public const MODELS = 0x03;
+    public const MODELS_OK = 0x83;
+    public const INFER = 0x04;
+    public const INFER_OK = 0x84;
+    public const ERROR = 0xFF;
+
+    public const TYPE_NAMES = [
+        self::ATTACH => 'ATTACH', self::ATTACH_OK => 'ATTACH_OK', self::PING => 'PING', self::PONG => 'PONG',
+        self::MODELS => 'MODELS', self::MODELS_OK => 'MODELS_OK', self::INFER => 'INFER',
+        self::INFER_OK => 'INFER_OK', self::ERROR => 'ERROR',
+    ];
+
+    private const DESCRIPTOR_SIZE = 32;
+
+    /**
+     * CRC-32C (Castagnoli) of $data as an unsigned int.
+     */
+    public static function crc32c(string $data): int
+    {
+        // hash('crc32c', raw) yields the checksum big-endian (checked against spec vector crc32c_check)
+        return unpack('N', hash('crc32c', $data, true))[1];
+    }
+
+    /**
+     * Encodes a whole frame: header + body.
+     */
+    public static function encodeFrame(int $type, int $requestId, string $body, bool $crc = false): string
+    {
+        if (!isset(self::TYPE_NAMES[$type])) {
+            throw new \InvalidArgumentException(sprintf('unknown frame type 0x%02X', $type));
+        }
+        if (strlen($body) > self::MAX_BODY) {
+            throw new InvalidInputException(sprintf(
+                'frame body of %d bytes exceeds MAX_BODY (%d)',
+                strlen($body),
+                self::MAX_BODY,
+            ));
+        }
+        return pack(
+            'VCCvPVV',
+            self::MAGIC,
+            self::VERSION,
+            $type,
+            $crc ? self::FLAG_CRC : 0,
+            $requestId,
+            strlen($body),
+            $crc ? self::crc32c($body) : 0,
+        ) . $body;
+    }
+
+    /**
+     * Decodes and validates a 24-byte header (magic, version, type, flags, body length).
+     */
+    public static function decodeHeader(string $header): FrameHeader
+    {
+        if (strlen($header) !== self::HEADER_SIZE) {
+            throw new ProtocolException(sprintf('frame header must be 24 bytes, got %d', strlen($header)));
+        }
+        $h = unpack('Vmagic/Cver/Ctype/vflags/Prid/Vlen/Vcrc', $header);
+        if ($h['magic'] !== self::MAGIC) {
+            throw new ProtocolException(sprintf(
+                'bad frame magic 0x%08X (expected 0x%08X "TBR1"): the peer does not speak the TensorBridge protocol',
+                $h['magic'],
+                self::MAGIC,
+            ));
+        }
+        if ($h['ver'] !== self::VERSION) {
+            throw new ProtocolException(sprintf('unsupported protocol version %d (this client speaks 1)', $h['ver']));
+        }
+        if (!isset(self::TYPE_NAMES[$h['type']])) {
+            throw new ProtocolException(sprintf('unknown frame type 0x%02X', $h['type']));
+        }
+        if (($h['flags'] & ~self::FLAG_CRC) !== 0) {
+            throw new ProtocolException(sprintf('unknown frame flags 0x%04X', $h['flags']));
+        }
+        if ($h['len'] > self::MAX_BODY) {
+            throw new ProtocolException(sprintf('frame body length %d exceeds MAX_BODY (%d)', $h['len'], self::MAX_BODY));
+        }
+        return new FrameHeader($h['type'], $h['flags'], $h['rid'], $h['len'], $h['crc']);
+    }
+
+    /**
+     * Decodes and validates a body for the header's frame type (spec §6.3 checks included).
+     *
+     * Returns null for PING/MODELS and the JSON text for PONG/MODELS_OK.
+     *
+     * @param int|null $regionSize when known, region-located tensors and output areas are checked against it
+     */
+    public static function decodeBody(
+        FrameHeader $header,
+        string $body,
+        ?int $regionSize = null,
+    ): AttachRequest|AttachOk|InferRequest|InferResponse|ErrorReply|string|null {
+        if (strlen($body) !== $header->bodyLen) {
+            throw new ProtocolException(sprintf(
+                'frame body is %d bytes, header says %d',
+                strlen($body),
+                $header->bodyLen,
+            ));
+        }
+        if (($header->flags & self::FLAG_CRC) !== 0 && self::crc32c($body) !== $header->crc) {
+            throw new ProtocolException(sprintf(
+                'frame checksum mismatch for %s request %d: header says 0x%08X, body has 0x%08X',
+                self::TYPE_NAMES[$header->type] ?? '?',
+                $header->requestId,
+                $header->crc,
+                self::crc32c($body),
+            ));
+        }
+        return match ($header->type) {
+            self::ATTACH => self::decodeAttach($body),
+            self::ATTACH_OK => self::decodeAttachOk($body),
+            self::PING, self::MODELS => self::decodeEmpty($header->type, $body),
+            self::PONG, self::MODELS_OK => $body,
+            self::INFER => self::decodeInfer($body, $regionSize),
+            self::INFER_OK => self::decodeInferOk($body, $regionSize),
+            self::ERROR => self::decodeError($body),
+            default => throw new ProtocolException(sprintf('unknown frame type 0x%02X', $header->type)),
+        };
+    }
+
+    /**
+     * Encodes a body for $type from its message (null for PING/MODELS, a JSON string for PONG/MODELS_OK).
+     */
+    public static function encodeBody(
+        int $type,
+        AttachRequest|AttachOk|InferRequest|InferResponse|ErrorReply|string|null $message,
+    ): string {
+        return match (true) {
+            $type === self::ATTACH && $message instanceof AttachRequest
+                => pack('VVP', $message->options, 0, $message->minRegion),
+            $type === self::ATTACH_OK && $message instanceof AttachOk
+                => pack('PPVV', $message->regionSize, $message->regionCap, $message->maxBody, 0),
+            ($type === self::PING || $type === self::MODELS) && $message === null => '',
+            ($type === self::PONG || $type === self::MODELS_OK) && is_string($message) => $message,
+            $type === self::INFER && $message instanceof InferRequest => self::encodeInfer($message),
+            $type === self::INFER_OK && $message instanceof InferResponse => self::encodeInferOk($message),
+            $type === self::ERROR && $message instanceof ErrorReply
+                => pack('vvV', $message->code, 0, strlen($message->message)) . $message->message,
+            default => throw new \InvalidArgumentException(sprintf(
+                'message %s does not fit frame type 0x%02X',
+                get_debug_type($message),
+                $type,
+            )),
+        };
+    }
+
+    /**
+     * Encodes one tensor descriptor (spec §6.3).
+     */
+    public static function encodeDescriptor(TensorDescriptor $d): string
+    {
+        $ndim = count($d->shape);
+        if ($ndim > self::MAX_DIMS) {
+            throw new InvalidInputException(sprintf('tensor "%s" has %d dimensions; the maximum is 8', $d->name, $ndim));
+        }
+        $nameLen = strlen($d->name);
+        if ($nameLen < 1 || $nameLen > 255) {
+            throw new InvalidInputException(sprintf('tensor name "%s" must be 1 to 255 bytes long', $d->name));
+        }
+        return pack(
+            'CCCCvvPPVV',
+            $d->dtype->value,
+            $ndim,
+            $d->location,
+            0,
+            $nameLen,
+            0,
+            $d->offset,
+            $d->nbytes,
+            $d->crc32c,
+            0,
+        ) . ($ndim > 0 ? pack('P*', ...$d->shape) : '') . $d->name;
+    }
+
+    private static function encodeInfer(InferRequest $r): string
+    {
+        $modelLen = strlen($r->model);
+        if ($modelLen < 1 || $modelLen > 255) {
+            throw new InvalidInputException(sprintf('model name "%s" must be 1 to 255 bytes long', $r->model));
+        }
+        $n = count($r->inputs);
+        if ($n < 1 || $n > 64) {
+            throw new InvalidInputException(sprintf('a request needs 1 to 64 inputs, got %d', $n));
+        }
+        $out = pack('VvCCPP', $r->timeoutUs, $modelLen, $n, 0, $r->outOffset, $r->outCapacity) . $r->model;
+        foreach ($r->inputs as $d) {
+            $out .= self::encodeDescriptor($d);
+        }
+        return $out . $r->inline;
+    }
+
+    private static function encodeInferOk(InferResponse $r): string
+    {
+        $out = pack('vvVV', count($r->outputs), 0, $r->queueUs, $r->computeUs);
+        foreach ($r->outputs as $d) {
+            $out .= self::encodeDescriptor($d);
+        }
+        return $out . $r->inline;
+    }
+
+    private static function decodeEmpty(int $type, string $body): ?string
+    {
+        if ($body !== '') {
+            throw new ProtocolException(sprintf(
+                '%s frame must have an empty body, got %d bytes',
+                self::TYPE_NAMES[$type],
+                strlen($body),
+            ));
+        }
+        return null;
+    }
+
+    private static function decodeAttach(string $body): AttachRequest
+    {
+        self::expectLength('ATTACH', $body, 16);
+        $b = unpack('Vopt/Vres/Pmin', $body);
+        if (($b['opt'] & ~self::OPT_CRC) !== 0) {
+            throw new ProtocolException(sprintf('ATTACH has unknown option bits 0x%08X', $b['opt']));
+        }
+        self::expectZero('ATTACH reserved field', $b['res']);
+        self::expectNonNegative('ATTACH min_region', $b['min']);
+        return new AttachRequest($b['opt'], $b['min']);
+    }
+
+    private static function decodeAttachOk(string $body): AttachOk
+    {
+        self::expectLength('ATTACH_OK', $body, 24);
+        $b = unpack('Psize/Pcap/Vmax/Vres', $body);
+        self::expectZero('ATTACH_OK reserved field', $b['res']);
+        self::expectNonNegative('ATTACH_OK region_size', $b['size']);
+        self::expectNonNegative('ATTACH_OK region_cap', $b['cap']);
+        return new AttachOk($b['size'], $b['cap'], $b['max']);
+    }
+
+    private static function decodeError(string $body): ErrorReply
+    {
+        if (strlen($body) < 8) {
+            throw new ProtocolException(sprintf('ERROR body must be at least 8 bytes, got %d', strlen($body)));
+        }
+        $b = unpack('vcode/vres/Vlen', $body);
+        self::expectZero('ERROR reserved field', $b['res']);
+        if ($b['len'] !== strlen($body) - 8) {
+            throw new ProtocolException(sprintf(
+                'ERROR message_len %d does not match the %d bytes that follow',
+                $b['len'],
+                strlen($body) - 8,
+            ));
+        }
+        return new ErrorReply($b['code'], substr($body, 8));
+    }
+
+    private static function decodeInfer(string $body, ?int $regionSize): InferRequest
+    {
+        $len = strlen($body);
+        if ($len < 24) {
+            throw new ProtocolException(sprintf('INFER body must be at least 24 bytes, got %d', $len));
+        }
+        $b = unpack('Vtimeout/vmodel_len/Cn/Cres/Pout_off/Pout_cap', $body);
+        self::expectZero('INFER reserved field', $b['res']);
+        if ($b['model_len'] < 1 || $b['model_len'] > 255) {
+            throw new ProtocolException(sprintf('INFER model_len %d is not in 1..255', $b['model_len']));
+        }
+        if ($b['n'] < 1 || $b['n'] > 64) {
+            throw new ProtocolException(sprintf('INFER n_inputs %d is not in 1..64', $b['n']));
+        }
+        self::checkArea('INFER output area', $b['out_off'], $b['out_cap'], $regionSize);
+        if ($len < 24 + $b['model_len']) {
+            throw new ProtocolException('INFER body is truncated inside the model name');
+        }
+        $model = substr($body, 24, $b['model_len']);
+        self::expectUtf8('INFER model name', $model);
+        $pos = 24 + $b['model_len'];
+        $inputs = self::decodeDescriptors($body, $pos, $b['n'], 'input');
+        $inline = substr($body, $pos);
+        self::checkDescriptors($inputs, $inline, $regionSize, 'input');
+        return new InferRequest($b['timeout'], $model, $b['out_off'], $b['out_cap'], $inputs, $inline);
+    }
+
+    private static function decodeInferOk(string $body, ?int $regionSize): InferResponse
+    {
+        if (strlen($body) < 12) {
+            throw new ProtocolException(sprintf('INFER_OK body must be at least 12 bytes, got %d', strlen($body)));
+        }
+        $b = unpack('vn/vres/Vqueue/Vcompute', $body);
+        self::expectZero('INFER_OK reserved field', $b['res']);
+        $pos = 12;
+        $outputs = self::decodeDescriptors($body, $pos, $b['n'], 'output');
+        $inline = substr($body, $pos);
+        self::checkDescriptors($outputs, $inline, $regionSize, 'output');
+        return new InferResponse($b['queue'], $b['compute'], $outputs, $inline);
+    }
+
+    /**
+     * @return list<TensorDescriptor>
+     */
+    private static function decodeDescriptors(string $body, int &$pos, int $count, string $what): array
+    {
+        $len = strlen($body);
+        $out = [];
+        for ($i = 0; $i < $count; $i++) {
+            if ($len - $pos < self::DESCRIPTOR_SIZE) {
+                throw new ProtocolException(sprintf('body is truncated inside %s descriptor %d', $what, $i));
+            }
+            $d = unpack('Cdtype/Cndim/Cloc/Cres/vname_len/vres2/Poff/Pnbytes/Vcrc/Vres3', $body, $pos);
+            $dtype = DType::tryFrom($d['dtype']);
+            if ($dtype === null) {
+                throw new ProtocolException(sprintf('%s descriptor %d has unknown dtype code %d', $what, $i, $d['dtype']));
+            }
+            if ($d['ndim'] > self::MAX_DIMS) {
+                throw new ProtocolException(sprintf('%s descriptor %d has %d dims (max 8)', $what, $i, $d['ndim']));
+            }
+            if ($d['loc'] > 1) {
+                throw new ProtocolException(sprintf('%s descriptor %d has unknown location %d', $what, $i, $d['loc']));
+            }
+            if ($d['res'] !== 0 || $d['res2'] !== 0 || $d['res3'] !== 0) {
+                throw new ProtocolException(sprintf('%s descriptor %d has non-zero reserved fields', $what, $i));
+            }
+            if ($d['name_len'] < 1 || $d['name_len'] > 255) {
+                throw new ProtocolException(sprintf('%s descriptor %d name_len %d is not in 1..255', $what, $i, $d['name_len']));
+            }
+            self::expectNonNegative("$what descriptor $i offset", $d['off']);
+            self::expectNonNegative("$what descriptor $i nbytes", $d['nbytes']);
+            $pos += self::DESCRIPTOR_SIZE;
+            $tail = 8 * $d['ndim'] + $d['name_len'];
+            if ($len - $pos < $tail) {
+                throw new ProtocolException(sprintf('body is truncated inside %s descriptor %d', $what, $i));
+            }
+            $shape = $d['ndim'] > 0 ? array_values(unpack('P' . $d['ndim'], $body, $pos)) : [];
+            foreach ($shape as $dim) {
+                self::expectNonNegative("$what descriptor $i dimension", $dim);
+            }
+            $pos += 8 * $d['ndim'];
+            $name = substr($body, $pos, $d['name_len']);
+            $pos += $d['name_len'];
+            self::expectUtf8("$what descriptor $i name", $name);
+            $out[] = new TensorDescriptor($name, $dtype, $shape, $d['loc'], $d['off'], $d['nbytes'], $d['crc']);
+        }
+        return $out;
+    }
+
+    /**
+     * @param list<TensorDescriptor> $descriptors
+     */
+    private static function checkDescriptors(array $descriptors, string $inline, ?int $regionSize, string $what): void
+    {
+        $seen = [];
+        foreach ($descriptors as $d) {
+            if (isset($seen[$d->name])) {
+                throw new ProtocolException(sprintf('two %ss are named "%s"', $what, $d->name));
+            }
+            $seen[$d->name] = true;
+            try {
+                $count = TensorCodec::elementCount($d->shape);
+            } catch (InvalidInputException $e) {
+                throw new ProtocolException(sprintf('%s "%s": %s', $what, $d->name, $e->getMessage()), null, $e);
+            }
+            $size = $d->dtype->itemSize();
+            if ($size > 0) {
+                if ($count > intdiv(PHP_INT_MAX, $size) || $count * $size !== $d->nbytes) {
+                    throw new ProtocolException(sprintf(
+                        '%s "%s": nbytes %d does not match shape %s of %s',
+                        $what,
+                        $d->name,
+                        $d->nbytes,
+                        json_encode($d->shape),
+                        $d->dtype->name,
+                    ));
+                }
+            } elseif ($count > intdiv(PHP_INT_MAX, 4) || $d->nbytes < 4 * $count) {
+                throw new ProtocolException(sprintf(
+                    '%s "%s": %d BYTES items cannot fit in %d bytes',
+                    $what,
+                    $d->name,
+                    $count,
+                    $d->nbytes,
+                ));
+            }
+            if ($d->location === 1) {
+                if ($d->offset > strlen($inline) || $d->nbytes > strlen($inline) - $d->offset) {
+                    throw new ProtocolException(sprintf(
+                        '%s "%s": inline bytes [%d, +%d) lie outside the %d bytes of inline data',
+                        $what,
+                        $d->name,
+                        $d->offset,
+                        $d->nbytes,
+                        strlen($inline),
+                    ));
+                }
+            } else {
+                if ($d->offset % self::ALIGN !== 0) {
+                    throw new ProtocolException(sprintf(
+                        '%s "%s": region offset %d is not a multiple of 64',
+                        $what,
+                        $d->name,
+                        $d->offset,
+                    ));
+                }
+                if ($regionSize !== null && ($d->offset > $regionSize || $d->nbytes > $regionSize - $d->offset)) {
+                    throw new ProtocolException(sprintf(
+                        '%s "%s": region bytes [%d, +%d) lie outside the %d-byte region',
+                        $what,
+                        $d->name,
+                        $d->offset,
+                        $d->nbytes,
+                        $regionSize,
+                    ));
+                }
+            }
+        }
+    }
+
+    private static function checkArea(string $what, int $offset, int $capacity, ?int $regionSize): void
+    {
+        self::expectNonNegative("$what offset", $offset);
+        self::expectNonNegative("$what capacity", $capacity);
+        if ($offset % self::ALIGN !== 0) {
+            throw new ProtocolException(sprintf('%s offset %d is not a multiple of 64', $what, $offset));
+        }
+        if ($regionSize !== null && ($offset > $regionSize || $capacity > $regionSize - $offset)) {
+            throw new ProtocolException(sprintf(
+                '%s [%d, +%d) lies outside the %d-byte region',
+                $what,
+                $offset,
+                $capacity,
+                $regionSize,
+            ));
+        }
+    }
+
+    private static function expectLength(string $what, string $body, int $len): void
+    {
+        if (strlen($body) !== $len) {
+            throw new ProtocolException(sprintf('%s body must be %d bytes, got %d', $what, $len, strlen($body)));
+        }
+    }
+
+    private static function expectZero(string $what, int $value): void
+    {
+        if ($value !== 0) {
+            throw new ProtocolException(sprintf('%s must be 0, got %d', $what, $value));
+        }
+    }
+
+    private static function expectNonNegative(string $what, int $value): void
+    {
+        // u64 values >= 2^63 unpack as negative PHP ints: no real size or offset is that large
+        if ($value < 0) {
+            throw new ProtocolException(sprintf('%s %u is out of range', $what, $value));
+        }
+    }
+
+    private static function expectUtf8(string $what, string $value): void
+    {
+        if (preg_match('//u', $value) !== 1) {
+            throw new ProtocolException(sprintf('%s is not valid UTF-8', $what));
+        }
+    }
+}

@@ -1,0 +1,145 @@
+"""The golden vectors of spec/vectors/vectors.json, byte-exact, through the Python codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VECTORS
+
+from tensorbridge import ProtocolError
+from tensorbridge._spec import BY_NAME, FrameType
+from tensorbridge._wire import (
+    AttachOk,
+    InferReply,
+    InferRequest,
+    TensorDesc,
+    check_crc,
+    crc32c,
+    decode_attach,
+    decode_attach_ok,
+    decode_bytes_items,
+    decode_error,
+    decode_header,
+    decode_infer,
+    decode_infer_ok,
+    encode_attach,
+    encode_attach_ok,
+    encode_bytes_items,
+    encode_error,
+    encode_frame,
+    encode_infer,
+    encode_infer_ok,
+)
+
+LOCATIONS = {"region": 0, "inline": 1}
+
+
+def _desc(t: dict) -> TensorDesc:
+    return TensorDesc(t["name"], BY_NAME[t["dtype"]], tuple(t["shape"]),
+                      LOCATIONS[t["location"]], t["offset"], t["nbytes"], t["crc32c"])
+
+
+def _encode_body(typ: str, b: dict) -> bytes:
+    if typ == "ATTACH":
+        return encode_attach(b["options"], b["min_region"])
+    if typ == "ATTACH_OK":
+        return encode_attach_ok(AttachOk(b["region_size"], b["region_cap"], b["max_body"]))
+    if typ in ("PING", "MODELS"):
+        return b""
+    if typ in ("PONG", "MODELS_OK"):
+        return b["json"].encode()
+    if typ == "ERROR":
+        return encode_error(VECTORS["errors"][b["code"]], b["message"])
+    inline = bytes.fromhex(b["inline_hex"])
+    if typ == "INFER":
+        return encode_infer(InferRequest(b["timeout_us"], b["model"], b["out_offset"],
+                                         b["out_capacity"], [_desc(t) for t in b["inputs"]],
+                                         inline))
+    return encode_infer_ok(InferReply(b["queue_us"], b["compute_us"],
+                                      [_desc(t) for t in b["outputs"]], inline))
+
+
+def _decode_body(typ: str, body: bytes) -> dict:
+    names = {v: k for k, v in VECTORS["errors"].items()}
+    if typ == "ATTACH":
+        options, min_region = decode_attach(body)
+        return {"options": options, "min_region": min_region}
+    if typ == "ATTACH_OK":
+        ok = decode_attach_ok(body)
+        return {"region_size": ok.region_size, "region_cap": ok.region_cap,
+                "max_body": ok.max_body}
+    if typ in ("PING", "MODELS"):
+        assert body == b""
+        return {}
+    if typ in ("PONG", "MODELS_OK"):
+        return {"json": body.decode()}
+    if typ == "ERROR":
+        code, message = decode_error(body)
+        return {"code": names[code], "message": message}
+
+    def t(d: TensorDesc) -> dict:
+        return {"name": d.name, "dtype": d.dtype.name, "shape": list(d.shape),
+                "location": "region" if d.location == 0 else "inline", "offset": d.offset,
+                "nbytes": d.nbytes, "crc32c": d.crc32c}
+
+    if typ == "INFER":
+        r = decode_infer(body)
+        return {"timeout_us": r.timeout_us, "model": r.model, "out_offset": r.out_offset,
+                "out_capacity": r.out_capacity, "inputs": [t(d) for d in r.inputs],
+                "inline_hex": bytes(r.inline).hex()}
+    r2 = decode_infer_ok(body)
+    return {"queue_us": r2.queue_us, "compute_us": r2.compute_us,
+            "outputs": [t(d) for d in r2.outputs], "inline_hex": bytes(r2.inline).hex()}
+
+
+def test_crc32c_check_value() -> None:
+    check = VECTORS["crc32c_check"]
+    assert crc32c(check["input"].encode()) == check["crc32c"]
+
+
+@pytest.mark.parametrize("vec", VECTORS["valid"], ids=lambda v: v["name"])
+def test_valid_vector_encodes_byte_exact(vec: dict) -> None:
+    body = _encode_body(vec["type"], vec["body"])
+    frame = encode_frame(FrameType[vec["type"]], vec["request_id"], body, vec["crc"])
+    assert frame.hex() == vec["hex"]
+
+
+@pytest.mark.parametrize("vec", VECTORS["valid"], ids=lambda v: v["name"])
+def test_valid_vector_decodes_to_fields(vec: dict) -> None:
+    raw = bytes.fromhex(vec["hex"])
+    header = decode_header(raw[:24])
+    assert header.type.name == vec["type"]
+    assert header.request_id == vec["request_id"]
+    assert bool(header.flags & 1) == vec["crc"]
+    body = raw[24:]
+    assert header.body_len == len(body)
+    check_crc(header, body)
+    assert _decode_body(vec["type"], body) == vec["body"]
+
+
+@pytest.mark.parametrize("vec", VECTORS["invalid"], ids=lambda v: v["name"])
+def test_invalid_vector_is_rejected(vec: dict) -> None:
+    raw = bytes.fromhex(vec["hex"])
+    assert vec["error"] == "PROTOCOL_ERROR"
+    with pytest.raises(ProtocolError):
+        header = decode_header(raw[:24])
+        assert vec["stage"] == "body", "header should have been rejected"
+        body = raw[24:24 + header.body_len]
+        check_crc(header, body)
+        _decode_body(header.type.name, body)
+
+
+@pytest.mark.parametrize("vec", VECTORS["tensors"], ids=lambda v: v["name"])
+def test_tensor_payload_vectors(vec: dict) -> None:
+    dtype = BY_NAME[vec["dtype"]]
+    raw = bytes.fromhex(vec["hex"])
+    if dtype.torch is None:
+        items = [v.encode() for v in vec["values"]]
+        assert encode_bytes_items(items).hex() == vec["hex"]
+        assert decode_bytes_items(raw, len(items)) == items
+        return
+    tensor = torch.tensor(vec["values"], dtype=dtype.torch)
+    assert list(tensor.shape) == vec["shape"]
+    assert tensor.reshape(-1).view(torch.uint8).numpy().tobytes().hex() == vec["hex"]
+    decoded = torch.frombuffer(bytearray(raw), dtype=dtype.torch).view(vec["shape"])
+    assert decoded.tolist() == vec["values"]
