@@ -8,10 +8,9 @@ import threading
 import time
 
 import pytest
+import tensorbridge as tb
 import torch
 from conftest import VECTORS
-
-import tensorbridge as tb
 from tensorbridge._spec import BY_NAME, FrameType
 from tensorbridge._wire import (
     InferRequest,

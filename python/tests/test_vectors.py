@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VECTORS
-
 from tensorbridge import ProtocolError
 from tensorbridge._spec import BY_NAME, FrameType
 from tensorbridge._wire import (

@@ -82,6 +82,8 @@ class Server:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        #: Connections accepted since start (shown by PING, used to check reuse).
+        self.accepted = 0
 
     def load_models(self) -> None:
         """Load every model of the config, in order, logging progress."""
@@ -147,11 +149,19 @@ class Server:
             conn = _Connection(self, sock)
             with self._lock:
                 self.connections.add(conn)
+                self.accepted += 1
             conn.thread.start()
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
             self.connections.discard(conn)
+
+    def status(self) -> bytes:
+        """PONG body (spec §4): identity plus connection counters."""
+        return json.dumps({"server": "tensorbridge", "version": __version__, "protocol": 1,
+                           "pid": os.getpid(), "connections_accepted": self.accepted,
+                           "connections_open": len(self.connections),
+                           "models": sorted(self.models)}).encode()
 
     def metadata(self) -> bytes:
         """MODELS_OK body (spec §4.1)."""
@@ -265,8 +275,7 @@ class _Connection:
         elif ftype == FrameType.ATTACH:
             self._attach(rid, body)
         elif ftype == FrameType.PING:
-            self._send(FrameType.PONG, rid, json.dumps(
-                {"server": "tensorbridge", "version": __version__, "protocol": 1}).encode())
+            self._send(FrameType.PONG, rid, self.server.status())
         elif ftype == FrameType.MODELS:
             self._send(FrameType.MODELS_OK, rid, self.server.metadata())
         else:

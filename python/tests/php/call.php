@@ -62,6 +62,20 @@ foreach ($cmd['calls'] as $call) {
                     $client->inferMany($call['model'], $lists),
                 )];
                 break;
+            case 'big':
+                // n random bytes through the echo model; compared by hash, not dumped.
+                $bytes = random_bytes((int) $call['bytes']);
+                $out = $client->infer('echo', ['x' => Tensor::fromBytes($bytes, 'uint8', [strlen($bytes)])]);
+                $r = ['equal' => hash_equals(md5($bytes), md5($out['x']->bytes())),
+                    'shape' => $out['x']->shape()];
+                break;
+            case 'wait_file':
+                // Blocks until the test creates the file (the test drives the timing).
+                while (!file_exists($call['path'])) {
+                    usleep(20000);
+                }
+                $r = [];
+                break;
             case 'sleep':
                 usleep((int) $call['us']);
                 $r = [];

@@ -1,0 +1,81 @@
+"""The HTTP baselines: the same models behind FastAPI on uvicorn, tuned fairly.
+
+* ``POST /json/{model}``   KServe-v2-style JSON (stdlib ``json``)
+* ``POST /orjson/{model}`` the same with orjson
+* ``POST /binary/{model}`` raw little-endian FP32 body (``X-Shape: 1,3,224,224``), raw FP32 back
+
+Run: ``python bench/http_app.py --port 8781 --threads 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import orjson
+import torch
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from tensorbridge.models import testing
+
+MODELS = {"echo": testing.echo(), "head": testing.head()}
+app = FastAPI()
+
+
+def _run(model: str, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        t = torch.from_numpy(x)
+        out = MODELS[model]({"x": t})["x"] if model == "echo" else MODELS[model](t)
+        return out.numpy()
+
+
+def _from_json(body: dict) -> np.ndarray:
+    spec = body["inputs"][0]
+    return np.asarray(spec["data"], dtype=np.float32).reshape(spec["shape"])
+
+
+def _to_json(model: str, y: np.ndarray) -> dict:
+    return {"model_name": model, "outputs": [
+        {"name": "output", "datatype": "FP32", "shape": list(y.shape),
+         "data": y.reshape(-1).tolist()}]}
+
+
+@app.post("/json/{model}")
+async def infer_json(model: str, request: Request) -> Response:
+    y = _run(model, _from_json(json.loads(await request.body())))
+    return Response(json.dumps(_to_json(model, y)), media_type="application/json")
+
+
+@app.post("/orjson/{model}")
+async def infer_orjson(model: str, request: Request) -> Response:
+    y = _run(model, _from_json(orjson.loads(await request.body())))
+    return Response(orjson.dumps(_to_json(model, y), option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")
+
+
+@app.post("/binary/{model}")
+async def infer_binary(model: str, request: Request) -> Response:
+    shape = [int(d) for d in request.headers["x-shape"].split(",")]
+    x = np.frombuffer(await request.body(), dtype=np.float32).reshape(shape)
+    y = np.ascontiguousarray(_run(model, x))
+    return Response(y.tobytes(), media_type="application/octet-stream",
+                    headers={"x-shape": ",".join(map(str, y.shape))})
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=8781)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning",
+                http="httptools", loop="uvloop" if _has_uvloop() else "asyncio")

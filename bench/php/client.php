@@ -1,0 +1,127 @@
+<?php
+
+// Benchmark client: one JSON job on stdin, one JSON result on stdout.
+// {"mode": "...", "socket": "...", "floor": "...", "url": "http://127.0.0.1:8781",
+//  "warmup": 200, "n": 2000, "duration": 0}
+// With "duration" > 0 it runs until that many seconds have passed (throughput runs) and
+// waits for the file "start" (if given) to exist first, so that all processes start together.
+
+declare(strict_types=1);
+
+require __DIR__ . '/../../php/autoload.php';
+
+use TensorBridge\Client;
+use TensorBridge\Tensor;
+
+$job = json_decode(stream_get_contents(STDIN), true, 512, JSON_THROW_ON_ERROR);
+$mode = $job['mode'];
+$large = 602112;                       // 1 x 3 x 224 x 224 float32
+$floats = array_map(fn (int $i): float => ($i % 255) / 255.0, range(0, $large / 4 - 1));
+$bytes = pack('g*', ...$floats);
+$tiny = pack('g*', 1.0, 2.0, 3.0, 4.0);
+$packUs = [];
+
+function curlPost($ch, string $url, string $body, array $headers): string
+{
+    curl_setopt_array($ch, [CURLOPT_URL => $url, CURLOPT_POST => true, CURLOPT_POSTFIELDS => $body,
+        CURLOPT_HTTPHEADER => $headers, CURLOPT_RETURNTRANSFER => true]);
+    $out = curl_exec($ch);
+    if ($out === false || curl_getinfo($ch, CURLINFO_RESPONSE_CODE) !== 200) {
+        throw new RuntimeException('HTTP call failed: ' . curl_error($ch) . ' ' . $out);
+    }
+    return $out;
+}
+
+function kserveJson(array $data, array $shape): string
+{
+    return json_encode(['inputs' => [['name' => 'x', 'shape' => $shape, 'datatype' => 'FP32',
+        'data' => $data]]], JSON_PRESERVE_ZERO_FRACTION);
+}
+
+/** Floor connection: a Unix socket plus, for shm, a memfd the floor server sent. */
+function floorConnect(string $path): array
+{
+    $sock = socket_create(AF_UNIX, SOCK_STREAM, 0);
+    socket_connect($sock, $path);
+    $msg = ['buffer_size' => 1, 'controllen' => socket_cmsg_space(SOL_SOCKET, SCM_RIGHTS, 1)];
+    socket_recvmsg($sock, $msg, 0);
+    $mem = $msg['control'][0]['data'][0];
+    stream_set_write_buffer($mem, 0);
+    stream_set_read_buffer($mem, 0);
+    return [$sock, $mem];
+}
+
+function floorTrip(array $conn, string $payload): void
+{
+    [$sock, $mem] = $conn;
+    if ($payload !== '') {
+        fseek($mem, 0);
+        fwrite($mem, $payload);
+    }
+    socket_write($sock, pack('P', strlen($payload)) . str_repeat("\0", 16), 24);
+    $got = '';
+    while (strlen($got) < 24) {
+        $chunk = socket_read($sock, 24 - strlen($got));
+        if ($chunk === false || $chunk === '') {
+            throw new RuntimeException('floor server went away');
+        }
+        $got .= $chunk;
+    }
+}
+
+$url = $job['url'] ?? '';
+$ch = curl_init();
+curl_setopt($ch, CURLOPT_TCP_NODELAY, true);
+$client = isset($job['socket']) ? new Client($job['socket'], timeout: 30.0) : null;
+$floor = isset($job['floor']) ? floorConnect($job['floor']) : null;
+$ctype = ['Content-Type: application/json'];
+
+$call = match ($mode) {
+    // S1: tiny tensor, no-op model
+    'tb_tiny' => fn () => $client->infer('echo', ['x' => Tensor::fromBytes($tiny, 'float32', [4])])['x']->bytes(),
+    'http_json_tiny' => fn () => json_decode(curlPost($ch, "$url/json/echo", kserveJson([1.0, 2.0, 3.0, 4.0], [4]), $ctype), true),
+    'http_orjson_tiny' => fn () => json_decode(curlPost($ch, "$url/orjson/echo", kserveJson([1.0, 2.0, 3.0, 4.0], [4]), $ctype), true),
+    'http_binary_tiny' => fn () => curlPost($ch, "$url/binary/echo", $tiny, ['Content-Type: application/octet-stream', 'X-Shape: 4']),
+    'floor_uds' => fn () => floorTrip($floor, ''),
+    'floor_shm_tiny' => fn () => floorTrip($floor, $tiny),
+    // S2: 602,112 bytes in from a PHP binary string, 4 KB out
+    'tb_large' => fn () => $client->infer('head', ['input' => Tensor::fromBytes($bytes, 'float32', [1, 3, 224, 224])])['output']->bytes(),
+    'http_binary_large' => fn () => curlPost($ch, "$url/binary/head", $bytes, ['Content-Type: application/octet-stream', 'X-Shape: 1,3,224,224']),
+    'http_json_large' => fn () => json_decode(curlPost($ch, "$url/json/head", kserveJson($floats, [1, 3, 224, 224]), $ctype), true),
+    'http_orjson_large' => fn () => json_decode(curlPost($ch, "$url/orjson/head", kserveJson($floats, [1, 3, 224, 224]), $ctype), true),
+    'floor_shm_large' => fn () => floorTrip($floor, $bytes),
+    // S3: from a PHP float array (conversion timed on its own as well)
+    'tb_array' => function () use ($client, $floats, &$packUs) {
+        $t = hrtime(true);
+        $tensor = Tensor::fromArray([[[$floats]]], 'float32');
+        $packUs[] = (hrtime(true) - $t) / 1e3;
+        return $client->infer('head', ['input' => $tensor->reshape([1, 3, 224, 224])])['output']->toArray();
+    },
+    'pack_only' => fn () => pack('g*', ...$floats),
+    default => throw new InvalidArgumentException("unknown mode $mode"),
+};
+
+for ($i = 0; $i < ($job['warmup'] ?? 10); $i++) {
+    $call();
+}
+$packUs = [];
+if (!empty($job['start'])) {
+    while (!file_exists($job['start'])) {
+        usleep(1000);
+    }
+}
+$samples = [];
+$r0 = getrusage();
+$t0 = hrtime(true);
+$n = (int) ($job['n'] ?? 100);
+$until = $t0 + (int) (($job['duration'] ?? 0) * 1e9);
+for ($i = 0; ($job['duration'] ?? 0) > 0 ? hrtime(true) < $until : $i < $n; $i++) {
+    $t = hrtime(true);
+    $call();
+    $samples[] = (hrtime(true) - $t) / 1e3;
+}
+$wall = (hrtime(true) - $t0) / 1e3;
+$r1 = getrusage();
+$cpu = ($r1['ru_utime.tv_sec'] - $r0['ru_utime.tv_sec'] + $r1['ru_stime.tv_sec'] - $r0['ru_stime.tv_sec']) * 1e6
+    + ($r1['ru_utime.tv_usec'] - $r0['ru_utime.tv_usec'] + $r1['ru_stime.tv_usec'] - $r0['ru_stime.tv_usec']);
+echo json_encode(['samples_us' => $samples, 'pack_us' => $packUs, 'wall_us' => $wall, 'cpu_us' => $cpu]), "\n";

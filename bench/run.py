@@ -1,0 +1,431 @@
+"""TensorBridge vs HTTP+JSON, HTTP+binary and the raw floors, side by side in one run.
+
+    python bench/run.py            # full run (make bench), several minutes
+    python bench/run.py --quick    # every scenario with tiny sample counts (make bench-quick)
+
+The machine is shared and noisy, so variants are interleaved in blocks (A B C A B C ...),
+each repeat reports p50/p99 per variant, ratios are taken within a repeat, and the summary
+is the median over repeats. Results: bench/results/<timestamp>.json, docs/benchmarks.md and
+docs/img/*.png. Nothing here asserts timing: goals are reported as met / missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PHP_CLIENT = BENCH / "php" / "client.php"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """p50 / p99 / mean of microsecond samples."""
+    s = sorted(samples)
+    if not s:
+        return {"n": 0, "p50": float("nan"), "p99": float("nan"), "mean": float("nan")}
+
+    def pick(q: float) -> float:
+        return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+    return {"n": len(s), "p50": pick(0.5), "p99": pick(0.99), "mean": statistics.fmean(s)}
+
+
+@dataclass
+class Services:
+    """Every server the benchmark talks to, started and stopped by the harness itself."""
+
+    threads: int
+    device: str
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tb-bench-")))
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    http_port: int = 0
+
+    @property
+    def tb_socket(self) -> str:
+        return str(self.tmp / "tb.sock")
+
+    @property
+    def floor_socket(self) -> str:
+        return str(self.tmp / "floor.sock")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _spawn(self, args: list[str], ready: str | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        self.procs.append(proc)
+        if ready:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if ready in line:
+                    break
+            else:
+                raise RuntimeError(f"{args[:3]} exited before it was ready")
+        return proc
+
+    def start(self) -> None:
+        log("starting servers: tensorbridge, uvicorn (FastAPI), floor ...")
+        self.tb = self._spawn([sys.executable, "-m", "tensorbridge", "serve", "--socket",
+                               self.tb_socket, "--threads", str(self.threads), "--log-level",
+                               "info", "--model", "echo=tensorbridge.models.testing:echo",
+                               "--model", "head=tensorbridge.models.testing:head"], "ready on")
+        self.floor = self._spawn([sys.executable, str(BENCH / "floor_server.py"),
+                                  self.floor_socket], "ready")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.http_port = s.getsockname()[1]
+        self.http = self._spawn([sys.executable, str(BENCH / "http_app.py"), "--port",
+                                 str(self.http_port), "--threads", str(self.threads)])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/docs", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.http.poll() is not None:
+                    raise RuntimeError("uvicorn did not start") from None
+                time.sleep(0.1)
+        for proc in self.procs:  # keep their pipes from filling up
+            proc.stdout.close()  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def cpu_seconds(self, proc: subprocess.Popen) -> float:
+        """user+system CPU time a server has used so far."""
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def job(self, mode: str) -> dict[str, Any]:
+        job: dict[str, Any] = {"mode": mode, "url": self.url}
+        if mode.startswith("tb_"):
+            job["socket"] = self.tb_socket
+        if mode.startswith("floor_"):
+            job["floor"] = self.floor_socket
+        return job
+
+
+def run_php(job: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(["php", "-d", "memory_limit=1G", str(PHP_CLIENT)],
+                          input=json.dumps(job), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PHP client failed for {job['mode']}: {proc.stderr or proc.stdout}")
+    return json.loads(proc.stdout)
+
+
+def latency_scenario(svc: Services, name: str, variants: dict[str, int], repeats: int,
+                     blocks: int, warmup: int) -> list[dict[str, Any]]:
+    """Interleaved blocks per repeat; returns one {variant: summary} per repeat."""
+    out = []
+    names = list(variants)
+    for rep in range(repeats):
+        samples: dict[str, list[float]] = {v: [] for v in names}
+        extra: dict[str, list[float]] = {v: [] for v in names}
+        for b in range(blocks):
+            order = names[b % len(names):] + names[:b % len(names)]
+            for v in order:
+                res = run_php({**svc.job(v), "n": variants[v], "warmup": warmup})
+                samples[v] += res["samples_us"]
+                extra[v] += res["pack_us"]
+        summary = {v: summarize(samples[v]) for v in names}
+        for v in names:
+            if extra[v]:
+                summary[v]["pack"] = summarize(extra[v])
+        out.append(summary)
+        log(f"[{name} repeat {rep + 1}/{repeats}] " + ", ".join(
+            f"{v} p50 {summary[v]['p50']:.0f} us" for v in names))
+    return out
+
+
+def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
+               duration: float) -> list[dict[str, Any]]:
+    """Concurrent PHP processes for ``duration`` s: req/s, p50, p99, CPU per request."""
+    rows = []
+    for rep in range(repeats):
+        for level in levels:
+            for mode in (modes if rep % 2 == 0 else modes[::-1]):
+                start = svc.tmp / f"start-{rep}-{level}-{mode}"
+                server = svc.tb if mode.startswith("tb_") else svc.http
+                job = {**svc.job(mode), "warmup": 20, "duration": duration, "start": str(start)}
+                procs = [subprocess.Popen(["php", str(PHP_CLIENT)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True)
+                         for _ in range(level)]
+                for p in procs:
+                    p.stdin.write(json.dumps(job))  # type: ignore[union-attr]
+                    p.stdin.close()  # type: ignore[union-attr]
+                time.sleep(1.0 + 0.02 * level)  # let every process finish its warm-up
+                cpu0 = svc.cpu_seconds(server)
+                start.touch()
+                results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+                cpu1 = svc.cpu_seconds(server)
+                samples = [s for r in results for s in r["samples_us"]]
+                wall = max(r["wall_us"] for r in results) / 1e6
+                summary = summarize(samples)
+                row = {"repeat": rep, "processes": level, "mode": mode,
+                       "req_s": len(samples) / wall, "p50": summary["p50"],
+                       "p99": summary["p99"],
+                       "server_cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, len(samples)),
+                       "client_cpu_us_per_req": sum(r["cpu_us"] for r in results)
+                       / max(1, len(samples))}
+                rows.append(row)
+                log(f"[S5 repeat {rep + 1}/{repeats}] {level:>2} processes {mode}: "
+                    f"{row['req_s']:.0f} req/s, p50 {row['p50']:.0f} us, "
+                    f"p99 {row['p99']:.0f} us")
+    return rows
+
+
+def _wrk_value(text: str) -> float:
+    """'1.23ms' -> microseconds."""
+    for unit, scale in (("us", 1.0), ("ms", 1e3), ("s", 1e6)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+def web_stack(svc: Services, repeats: int, duration: float) -> list[dict[str, Any]]:
+    """wrk -> nginx -> PHP-FPM page -> model, per transport (S6)."""
+    nginx, fpm, wrk = (shutil.which(x) for x in ("nginx", "php-fpm8.2", "wrk"))
+    if not (nginx and fpm and wrk):
+        log("S6 skipped: needs nginx, php-fpm8.2 and wrk (apt-get install nginx-light wrk)")
+        return []
+    tmp = svc.tmp / "web"
+    tmp.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp / "fpm.conf").write_text(f"""[global]
+error_log = {tmp}/fpm.log
+daemonize = no
+[www]
+user = root
+group = root
+listen = {tmp}/fpm.sock
+pm = static
+pm.max_children = 4
+""")
+    (tmp / "nginx.conf").write_text(f"""daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.err;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; fastcgi_temp_path {tmp}/fcgi;
+  proxy_temp_path {tmp}/proxy; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  upstream fpm {{ server unix:{tmp}/fpm.sock; keepalive 8; }}
+  server {{
+    listen 127.0.0.1:{port};
+    root {BENCH}/php;
+    location ~ \\.php$ {{
+      include /etc/nginx/fastcgi_params;
+      fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+      fastcgi_keep_conn on;
+      fastcgi_pass fpm;
+    }}
+  }}
+}}
+""")
+    procs = [subprocess.Popen([fpm, "-R", "-F", "-y", str(tmp / "fpm.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    rows = []
+    try:
+        base = f"http://127.0.0.1:{port}/page.php?socket={svc.tb_socket}&url={svc.url}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                body = urllib.request.urlopen(base + "&via=tb", timeout=2).read()
+                assert b"top" in body, body
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nginx + php-fpm did not come up") from None
+                time.sleep(0.1)
+        for rep in range(repeats):
+            for via in ("tb", "json", "binary") if rep % 2 == 0 else ("binary", "json", "tb"):
+                out = subprocess.run([wrk, "-t2", "-c8", f"-d{duration}s", "--latency",
+                                      f"{base}&via={via}"], capture_output=True, text=True,
+                                     timeout=600).stdout
+                row: dict[str, Any] = {"repeat": rep, "via": via}
+                for line in out.splitlines():
+                    parts = line.split()
+                    if line.startswith("Requests/sec:"):
+                        row["req_s"] = float(parts[1])
+                    elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+                        row["p" + parts[0][:-1]] = _wrk_value(parts[1])
+                    elif "Non-2xx" in line or "Socket errors" in line:
+                        row["errors"] = line.strip()
+                rows.append(row)
+                log(f"[S6 repeat {rep + 1}/{repeats}] via {via}: {row.get('req_s', 0):.0f} req/s, "
+                    f"p50 {row.get('p50', 0):.0f} us, p99 {row.get('p99', 0):.0f} us")
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    return rows
+
+
+def _med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal of the benchmark issue with its ratio per repeat (median shown)."""
+    s1, s2, s3 = results["S1"], results["S2"], results["S3"]
+    out = []
+
+    def goal(name: str, ratios: list[float], target: float, higher_is_better: bool,
+             detail: str) -> None:
+        value = _med(ratios)
+        met = value >= target if higher_is_better else value <= target
+        out.append({"goal": name, "ratio": value, "per_repeat": ratios, "target": target,
+                    "met": bool(met), "detail": detail})
+
+    http_best = [min(r[v]["p50"] for v in r if v.startswith("http_")) for r in s1]
+    goal("S1 p50 <= 1/10 of the best HTTP keep-alive p50",
+         [r["tb_tiny"]["p50"] / h for r, h in zip(s1, http_best, strict=True)], 0.1, False,
+         "TensorBridge tiny round trip / fastest HTTP variant")
+    goal("S1 within 2x of the raw floor",
+         [r["tb_tiny"]["p50"] / r["floor_shm_tiny"]["p50"] for r in s1], 2.0, False,
+         "TensorBridge / raw socket ping-pong + shared-memory write")
+    goal("S2 >= 20x faster than HTTP+binary",
+         [r["http_binary_large"]["p50"] / r["tb_large"]["p50"] for r in s2], 20.0, True,
+         "HTTP+binary p50 / TensorBridge p50 (602,112 B in, 4 KB out; the model is ~free)")
+    goal("S2 >= 1000x faster than HTTP+JSON end to end",
+         [r["http_json_large"]["p50"] / r["tb_large"]["p50"] for r in s2], 1000.0, True,
+         "HTTP+JSON p50 / TensorBridge p50")
+    goal("S3 total <= PHP pack cost + 0.1 ms",
+         [(r["tb_array"]["p50"] - r["pack_only"]["p50"]) / 1000 for r in s3], 0.1, False,
+         "(TensorBridge from a float array - pack('g*') alone) in ms")
+    s5 = results["S5"]
+    ratios = []
+    for rep in {row["repeat"] for row in s5}:
+        at16 = {row["mode"]: row["req_s"] for row in s5
+                if row["repeat"] == rep and row["processes"] == 16}
+        if "tb_tiny" in at16 and "http_json_tiny" in at16:
+            ratios.append(at16["tb_tiny"] / at16["http_json_tiny"])
+    if ratios:
+        goal("S5 no-op model at 16 processes >= 5x the req/s of HTTP (uvicorn)", ratios, 5.0,
+             True, "TensorBridge req/s / HTTP+JSON req/s")
+    out.append({"goal": "S4 <= 0.3 ms overhead, >= 2.5x faster than the seed's GD path",
+                "met": None, "detail": "pending: needs ResNet-18 and the JPEG path (models issue)"})
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = Path("/proc/meminfo").read_text().split()[1]
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": f"Linux {platform.release()}",
+            "mem_gib": round(int(mem) / 2**20, 1), "host": platform.node()}
+
+
+def versions() -> dict[str, str]:
+    import fastapi
+    import tensorbridge
+    import torch
+    import uvicorn
+
+    php = subprocess.run(["php", "-r", "echo PHP_VERSION;"], capture_output=True,
+                         text=True).stdout
+    return {"tensorbridge": tensorbridge.__version__, "PHP": php,
+            "Python": platform.python_version(), "torch": torch.__version__.split("+")[0],
+            "uvicorn": uvicorn.__version__, "fastapi": fastapi.__version__}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sample counts: checks that every scenario runs")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on every server")
+    parser.add_argument("--device", default="cpu", help="cuda runs S4/S5 models on a GPU")
+    parser.add_argument("--out", default=str(BENCH / "results"))
+    parser.add_argument("--docs", default=str(ROOT / "docs"),
+                        help="where benchmarks.md and img/ go ('' = nowhere)")
+    args = parser.parse_args()
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 3)
+
+    def n(full: Any, small: Any) -> Any:
+        return small if quick else full
+
+    svc = Services(args.threads, args.device)
+    svc.start()
+    results: dict[str, Any] = {}
+    try:
+        results["S1"] = latency_scenario(svc, "S1", {
+            "tb_tiny": n(1000, 20), "http_json_tiny": n(500, 20),
+            "http_orjson_tiny": n(500, 20), "http_binary_tiny": n(500, 20),
+            "floor_uds": n(1000, 20), "floor_shm_tiny": n(1000, 20)},
+            repeats, n(4, 1), n(200, 5))
+        results["S2"] = latency_scenario(svc, "S2", {
+            "tb_large": n(300, 5), "http_binary_large": n(150, 5),
+            "http_json_large": n(8, 2), "http_orjson_large": n(8, 2),
+            "floor_shm_large": n(300, 5)}, repeats, n(3, 1), n(20, 2))
+        results["S3"] = latency_scenario(svc, "S3", {"tb_array": n(60, 3), "pack_only": n(60, 3)},
+                                         repeats, n(3, 1), n(5, 1))
+        log("[S4] pending: ResNet-18 and the JPEG path arrive with the models issue")
+        results["S5"] = throughput(svc, [1, 4, 16, 64] if not quick else [1, 4],
+                                   ["tb_tiny", "http_json_tiny"], repeats, n(3.0, 0.3))
+        results["S6"] = web_stack(svc, repeats, n(5, 1))
+    finally:
+        svc.stop()
+    record = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": machine(), "versions": versions(),
+              "config": {"quick": quick, "repeats": repeats, "threads": args.threads,
+                         "device": args.device}, **results}
+    record["goals"] = goals(record)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"{stamp}{'-quick' if quick else ''}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    log(f"\nresults: {path}")
+    for g in record["goals"]:
+        verdict = "pending" if g["met"] is None else ("met" if g["met"] else "missed")
+        ratio = "" if g["met"] is None else f" {g['ratio']:.3g} (target {g['target']:g})"
+        print(f"{verdict:>7}: {g['goal']}{ratio}")
+    if args.docs:
+        import report
+
+        report.main(str(path), Path(args.docs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
