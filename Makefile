@@ -7,20 +7,25 @@ export PYTHONDONTWRITEBYTECODE = 1
 
 .PHONY: setup demo test test-python test-php lint bench bench-quick vectors clean
 
-# Installs: php8.2-cli/fpm + phpunit (apt, only when missing), torch 2.13.0 (the CPU wheel;
-# a looser pin pulls CUDA builds), and the tensorbridge package with its dev extras.
+APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl phpunit nginx-light wrk
+
+# Installs: PHP (CLI, FPM, curl for the HTTP baselines), phpunit, nginx and wrk (apt, only
+# when missing), torch 2.13.0 (the CPU wheel; a looser pin pulls CUDA builds), and the
+# tensorbridge package with its dev and bench extras.
 setup:
-	@command -v php >/dev/null && command -v phpunit >/dev/null && php -m | grep -q sockets || { \
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  echo "installing $(APT_PACKAGES) ..."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    php8.2-cli php8.2-fpm phpunit >/dev/null; }
-	@$(PYTHON) -c "import tensorbridge, torch, sklearn, pytest" 2>/dev/null || { \
+	    $(APT_PACKAGES) >/dev/null; fi
+	@$(PYTHON) -c "import tensorbridge, torch, sklearn, pytest, fastapi, uvicorn, orjson, matplotlib" \
+	  2>/dev/null || { echo "installing torch==2.13.0 and python/[dev,bench] ..."; \
 	  $(PYTHON) -m pip install -q torch==2.13.0 && \
-	  $(PYTHON) -m pip install -q -e 'python[dev]'; }
+	  $(PYTHON) -m pip install -q -e 'python[dev,bench]'; }
 
 demo: setup
 	@scripts/demo.sh $(SOCKET)
 
-test: setup lint test-python test-php
+test: setup lint test-python test-php bench-quick
 
 lint:
 	$(PYTHON) -m ruff check python spec bench
@@ -32,6 +37,14 @@ test-python:
 
 test-php:
 	cd php && phpunit
+
+# The full side-by-side run: several minutes; writes bench/results/, docs/benchmarks.md, plots.
+bench: setup
+	$(PYTHON) bench/run.py
+
+# Every scenario with tiny sample counts, so the harness cannot rot (part of `make test`).
+bench-quick: setup
+	$(PYTHON) bench/run.py --quick --out $${TMPDIR:-/tmp}/tensorbridge-bench --docs ''
 
 vectors:
 	$(PYTHON) spec/vectors/source.py

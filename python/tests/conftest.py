@@ -143,4 +143,5 @@ def php_popen(cmd: dict) -> subprocess.Popen:
     assert p.stdin is not None
     p.stdin.write(json.dumps(cmd))
     p.stdin.close()
+    p.stdin = None  # so that communicate() does not touch it again
     return p

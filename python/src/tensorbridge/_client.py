@@ -168,6 +168,8 @@ class Client:
                 header = decode_header(self._recv(HEADER_SIZE, deadline))
                 reply = self._recv(header.body_len, deadline)
                 check_crc(header, reply)
+                if header.type == FrameType.ERROR and header.request_id == 0:
+                    raise error_for_code(*decode_error(reply))  # about the connection itself
                 if header.request_id != rid:
                     continue  # a late reply to an abandoned request
                 if header.type == FrameType.ERROR:

@@ -52,7 +52,7 @@ class ServerConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ServerConfig:
-        """Read a ``tensorbridge.toml`` (see docs/configuration.md)."""
+        """Read a ``tensorbridge.toml`` (its keys are shown in the README)."""
         raw = tomllib.loads(Path(path).read_text())
         server: dict[str, Any] = dict(raw.get("server", {}))
         unknown = set(server) - {"socket", "threads", "region_initial_mb", "region_cap_mb",

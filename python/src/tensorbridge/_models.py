@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import threading
 import time
@@ -150,8 +151,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
         module.eval()
     if hasattr(module, "to") and config.device != "cpu":
         module = module.to(config.device)
-    inputs = config.inputs if config.inputs is not None else declared.get("inputs",
-                                                                          _script_inputs(module))
+    inputs = config.inputs if config.inputs is not None else declared.get(
+        "inputs", _forward_inputs(module))
     outputs = config.outputs if config.outputs is not None else declared.get("outputs")
     signature = Signature.parse(inputs, outputs)
     model = LoadedModel(config, module, signature)
@@ -204,13 +205,22 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _script_inputs(module: Any) -> list[str] | None:
-    """Input names from a TorchScript schema (datatype and shape stay open)."""
+def _forward_inputs(module: Any) -> list[str] | None:
+    """Input names from ``forward``: the TorchScript schema or the Python signature.
+
+    Datatype and shape stay open (ANY); give them in the config to have them checked.
+    """
     forward = getattr(module, "forward", None)
     schema = getattr(forward, "schema", None)
-    if schema is None:
+    if schema is not None:
+        return [a.name for a in schema.arguments[1:]]
+    try:
+        params = inspect.signature(forward or module).parameters.values()
+    except (TypeError, ValueError):
         return None
-    return [a.name for a in schema.arguments[1:]]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    return [p.name for p in params]
 
 
 def _example_inputs(signature: Signature) -> dict[str, Any] | None:

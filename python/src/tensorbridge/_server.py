@@ -215,6 +215,7 @@ class _Connection:
                 self._send_error(0, ErrorCode.UNAUTHORIZED,
                                  f"uid {self.peer_uid} may not use this server; allowed: "
                                  f"{allowed} (--allow-uid)")
+                self._hang_up()
                 return
             while self._serve_one():
                 pass
@@ -226,6 +227,14 @@ class _Connection:
                 self.region = None
             self.sock.close()
             self.server._forget(self)
+
+    def _hang_up(self) -> None:
+        """Close our side, then drain what the peer already sent (bounded), so that closing
+        with unread data does not reset the connection before the peer reads our ERROR."""
+        self.sock.shutdown(socket.SHUT_WR)
+        self.sock.settimeout(1.0)
+        while self.sock.recv(65536):
+            pass
 
     def _recv_exact(self, n: int) -> bytearray | None:
         buf = bytearray(n)
@@ -248,6 +257,7 @@ class _Connection:
         except ProtocolError as exc:
             # The framing is lost: answer once and hang up (spec §3).
             self._send_error(0, ErrorCode.PROTOCOL_ERROR, str(exc))
+            self._hang_up()
             return False
         body = self._recv_exact(header.body_len)
         if body is None:
@@ -258,6 +268,8 @@ class _Connection:
             self._dispatch(header.type, rid, body, arrived)
         except TensorBridgeError as exc:
             self._send_error(rid, exc.code, str(exc))
+        except OSError:
+            raise  # the peer went away while we answered: run() cleans up
         except Exception as exc:  # a server bug must not take the connection down
             log.exception("internal error on request %d", rid)
             self._send_error(rid, ErrorCode.INTERNAL, f"internal server error: {exc!r}")

@@ -1,0 +1,155 @@
+"""Model loading: TorchScript files, eager factories with .pth/.safetensors weights, the TOML
+config, signatures (declared, inferred, enforced) and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tensorbridge as tb
+
+
+class Affine(torch.nn.Module):
+    """y = x @ W + b, for weight-loading tests."""
+
+    def __init__(self, n: int = 4) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(n, 2)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lin(features)
+
+
+def affine(n: int = 4) -> Affine:
+    return Affine(n)
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return {k: v.clone() for k, v in Affine().state_dict().items()}
+
+
+def test_torchscript_file_with_inferred_signature(tmp_path: Path) -> None:
+    path = tmp_path / "affine.pt"
+    torch.jit.script(Affine()).save(str(path))
+    model = tb.load_model(tb.ModelConfig("affine", str(path), inputs=[
+        {"name": "features", "datatype": "FP32", "shape": [-1, 4]}]))
+    # Output datatype and shape were learnt from the warm-up run, batch dim left dynamic.
+    assert model.metadata()["outputs"] == [{"name": "output", "datatype": "FP32",
+                                            "shape": [-1, 2]}]
+    out, _ = model.run({"features": torch.ones(3, 4)}, None)
+    assert out["output"].shape == (3, 2)
+
+
+def test_torchscript_input_names_come_from_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "affine.pt"
+    torch.jit.script(Affine()).save(str(path))
+    model = tb.load_model(tb.ModelConfig("affine", str(path)))
+    assert [s["name"] for s in model.metadata()["inputs"]] == ["features"]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_eager_factory_with_weights(tmp_path: Path, suffix: str) -> None:
+    weights = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(_weights(), weights)
+    else:
+        save_file(_weights(), str(weights))
+    model = tb.load_model(tb.ModelConfig.from_cli(f"a={__name__}:affine@{weights}"))
+    reference = Affine()
+    reference.load_state_dict(_weights())
+    x = torch.rand(2, 4)
+    out, _ = model.run({"features": x}, None)
+    assert torch.allclose(out["output"], reference(x))
+
+
+def test_toml_config(tmp_path: Path) -> None:
+    save_file(_weights(), str(tmp_path / "w.safetensors"))
+    (tmp_path / "tb.toml").write_text(f"""
+[server]
+socket = "{tmp_path}/x.sock"
+threads = 1
+region_cap_mb = 8
+allow_uid = [0]
+
+[models.affine]
+source = "{__name__}:affine"
+weights = "w.safetensors"
+warmup = 1
+max_queue = 3
+inputs = [{{name = "features", datatype = "float32", shape = [-1, 4]}}]
+outputs = [{{name = "score", datatype = "FP32", shape = [-1, 2]}}]
+""")
+    config = tb.ServerConfig.from_toml(tmp_path / "tb.toml")
+    assert config.region_cap == 8 << 20 and config.allow_uid == [0]
+    (mc,) = config.models
+    assert mc.weights == str(tmp_path / "w.safetensors") and mc.max_queue == 3
+    model = tb.load_model(mc)
+    assert model.metadata()["inputs"][0]["datatype"] == "FP32"
+    assert model.run({"features": torch.ones(1, 4)}, None)[0]["score"].shape == (1, 2)
+
+
+def test_toml_config_rejects_unknown_keys(tmp_path: Path) -> None:
+    (tmp_path / "tb.toml").write_text("[models.a]\nsource = 'x:y'\nwarm_up = 3\n")
+    with pytest.raises(ValueError, match="warm_up"):
+        tb.ServerConfig.from_toml(tmp_path / "tb.toml")
+
+
+def test_bad_sources_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot import"):
+        tb.load_model(tb.ModelConfig("m", "no_such_module:factory"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="TorchScript"):
+        tb.load_model(tb.ModelConfig("m", str(junk)))
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        tb.ModelConfig.from_cli("just-a-path.pt")
+
+
+def test_signature_checks() -> None:
+    sig = tb.Signature.parse([{"name": "x", "datatype": "FP32", "shape": [-1, 3]}], None)
+    from tensorbridge._spec import BY_NAME
+
+    fp32, i64 = BY_NAME["FP32"], BY_NAME["INT64"]
+    assert sig.check_inputs({"x": (fp32, (5, 3))}) is None
+    assert "must be FP32" in sig.check_inputs({"x": (i64, (5, 3))})
+    assert "shape" in sig.check_inputs({"x": (fp32, (5, 4))})
+    assert "shape" in sig.check_inputs({"x": (fp32, (15,))})
+    assert "unexpected ['y']" in sig.check_inputs({"x": (fp32, (1, 3)), "y": (fp32, (1,))})
+
+
+def test_unauthorized_uid_is_refused(tmp_path: Path) -> None:
+    config = tb.ServerConfig(socket=str(tmp_path / "s.sock"), allow_uid=[4242])
+    server = tb.Server(config, [tb.load_model(tb.ModelConfig(
+        "echo", "tensorbridge.models.testing:echo"))])
+    server.start()
+    try:
+        with tb.Client(config.socket) as c, pytest.raises(tb.UnauthorizedError, match="4242"):
+            c.ping()
+    finally:
+        server.stop()
+
+
+def test_cli_version_models_and_health(tmp_path: Path, make_server) -> None:
+    version = subprocess.run([sys.executable, "-m", "tensorbridge", "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    assert "torch" in version and tb.__version__ in version
+    down = subprocess.run([sys.executable, "-m", "tensorbridge", "health", "--socket",
+                           str(tmp_path / "none.sock")], capture_output=True, text=True)
+    assert down.returncode == 3 and "running?" in down.stderr
+    server = make_server(["digits=tensorbridge.models.digits:create"])
+    models = subprocess.run([sys.executable, "-m", "tensorbridge", "models", "--socket",
+                             server.socket], capture_output=True, text=True, check=True).stdout
+    assert "input:FP32[-1, 64]" in models and "logits:FP32[-1, 10]" in models
+    assert any("warm-up 'digits'" in line for line in server.log)  # progress is shown
+
+
+def test_serve_without_models_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "serve", "--socket",
+                           "/tmp/unused.sock"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--model" in proc.stderr
