@@ -17,6 +17,7 @@ import orjson
 import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
+
 from tensorbridge.models import testing
 
 MODELS = {"echo": testing.echo(), "head": testing.head()}

@@ -72,31 +72,31 @@ class Services:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _spawn(self, args: list[str], ready: str | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+    def _spawn(self, name: str, args: list[str], ready: str | None = None) -> subprocess.Popen:
+        """Start a server with its output in <tmp>/<name>.log; wait for ``ready`` there."""
+        logfile = self.tmp / f"{name}.log"
+        with logfile.open("w") as out:
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True)
         self.procs.append(proc)
-        if ready:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if ready in line:
-                    break
-            else:
-                raise RuntimeError(f"{args[:3]} exited before it was ready")
+        deadline = time.monotonic() + 120
+        while ready and ready not in logfile.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n{logfile.read_text()}")
+            time.sleep(0.05)
         return proc
 
     def start(self) -> None:
         log("starting servers: tensorbridge, uvicorn (FastAPI), floor ...")
-        self.tb = self._spawn([sys.executable, "-m", "tensorbridge", "serve", "--socket",
+        self.tb = self._spawn("tensorbridge", [sys.executable, "-m", "tensorbridge", "serve", "--socket",
                                self.tb_socket, "--threads", str(self.threads), "--log-level",
                                "info", "--model", "echo=tensorbridge.models.testing:echo",
                                "--model", "head=tensorbridge.models.testing:head"], "ready on")
-        self.floor = self._spawn([sys.executable, str(BENCH / "floor_server.py"),
+        self.floor = self._spawn("floor", [sys.executable, str(BENCH / "floor_server.py"),
                                   self.floor_socket], "ready")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.http_port = s.getsockname()[1]
-        self.http = self._spawn([sys.executable, str(BENCH / "http_app.py"), "--port",
+        self.http = self._spawn("uvicorn", [sys.executable, str(BENCH / "http_app.py"), "--port",
                                  str(self.http_port), "--threads", str(self.threads)])
         deadline = time.monotonic() + 60
         while True:
@@ -107,8 +107,6 @@ class Services:
                 if time.monotonic() > deadline or self.http.poll() is not None:
                     raise RuntimeError("uvicorn did not start") from None
                 time.sleep(0.1)
-        for proc in self.procs:  # keep their pipes from filling up
-            proc.stdout.close()  # type: ignore[union-attr]
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -183,6 +181,7 @@ def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
                 for p in procs:
                     p.stdin.write(json.dumps(job))  # type: ignore[union-attr]
                     p.stdin.close()  # type: ignore[union-attr]
+                    p.stdin = None  # communicate() must not flush it again
                 time.sleep(1.0 + 0.02 * level)  # let every process finish its warm-up
                 cpu0 = svc.cpu_seconds(server)
                 start.touch()
@@ -234,6 +233,7 @@ pm = static
 pm.max_children = 4
 """)
     (tmp / "nginx.conf").write_text(f"""daemon off;
+user root;
 worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx.err;
@@ -356,9 +356,10 @@ def machine() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     import fastapi
-    import tensorbridge
     import torch
     import uvicorn
+
+    import tensorbridge
 
     php = subprocess.run(["php", "-r", "echo PHP_VERSION;"], capture_output=True,
                          text=True).stdout

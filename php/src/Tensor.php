@@ -71,6 +71,28 @@ final class Tensor
     }
 
     /**
+     * The same bytes seen with another shape of the same element count (no copy), e.g. a
+     * flat array of 150,528 floats as [1, 3, 224, 224].
+     *
+     * @param list<int> $shape
+     * @throws InvalidInputException when the element counts differ
+     */
+    public function reshape(array $shape): self
+    {
+        $count = TensorCodec::elementCount($shape);
+        if ($count !== $this->size()) {
+            throw new InvalidInputException(sprintf(
+                'cannot reshape %s (%d items) to %s (%d items)',
+                json_encode($this->shape),
+                $this->size(),
+                json_encode($shape),
+                $count,
+            ));
+        }
+        return new self($this->dtype, $shape, $this->bytes);
+    }
+
+    /**
      * The KServe datatype name, e.g. 'FP32'.
      */
     public function dtype(): string

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import PHP_DIR, VECTORS, php, php_popen
 
 pytestmark = pytest.mark.usefixtures("leak_check")

@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-import tensorbridge as tb
 import torch
-from conftest import VECTORS
+
+import tensorbridge as tb
 from tensorbridge._spec import BY_NAME, FrameType
 from tensorbridge._wire import (
     InferRequest,
@@ -22,6 +22,8 @@ from tensorbridge._wire import (
     encode_frame,
     encode_infer,
 )
+
+from conftest import VECTORS
 
 
 class _Pointer(torch.nn.Module):

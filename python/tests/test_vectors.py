@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VECTORS
+
 from tensorbridge import ProtocolError
 from tensorbridge._spec import BY_NAME, FrameType
 from tensorbridge._wire import (
@@ -29,6 +29,8 @@ from tensorbridge._wire import (
     encode_infer,
     encode_infer_ok,
 )
+
+from conftest import VECTORS
 
 LOCATIONS = {"region": 0, "inline": 1}
 

@@ -107,7 +107,11 @@ final class Wire
             throw new ProtocolException(sprintf('unknown frame flags 0x%04X', $h['flags']));
         }
         if ($h['len'] > self::MAX_BODY) {
-            throw new ProtocolException(sprintf('frame body length %d exceeds MAX_BODY (%d)', $h['len'], self::MAX_BODY));
+            throw new ProtocolException(sprintf(
+                'frame body length %d exceeds MAX_BODY (%d)',
+                $h['len'],
+                self::MAX_BODY,
+            ));
         }
         return new FrameHeader($h['type'], $h['flags'], $h['rid'], $h['len'], $h['crc']);
     }
@@ -185,7 +189,11 @@ final class Wire
     {
         $ndim = count($d->shape);
         if ($ndim > self::MAX_DIMS) {
-            throw new InvalidInputException(sprintf('tensor "%s" has %d dimensions; the maximum is 8', $d->name, $ndim));
+            throw new InvalidInputException(sprintf(
+                'tensor "%s" has %d dimensions; the maximum is 8',
+                $d->name,
+                $ndim,
+            ));
         }
         $nameLen = strlen($d->name);
         if ($nameLen < 1 || $nameLen > 255) {
@@ -338,7 +346,12 @@ final class Wire
             $d = unpack('Cdtype/Cndim/Cloc/Cres/vname_len/vres2/Poff/Pnbytes/Vcrc/Vres3', $body, $pos);
             $dtype = DType::tryFrom($d['dtype']);
             if ($dtype === null) {
-                throw new ProtocolException(sprintf('%s descriptor %d has unknown dtype code %d', $what, $i, $d['dtype']));
+                throw new ProtocolException(sprintf(
+                    '%s descriptor %d has unknown dtype code %d',
+                    $what,
+                    $i,
+                    $d['dtype'],
+                ));
             }
             if ($d['ndim'] > self::MAX_DIMS) {
                 throw new ProtocolException(sprintf('%s descriptor %d has %d dims (max 8)', $what, $i, $d['ndim']));
@@ -350,7 +363,12 @@ final class Wire
                 throw new ProtocolException(sprintf('%s descriptor %d has non-zero reserved fields', $what, $i));
             }
             if ($d['name_len'] < 1 || $d['name_len'] > 255) {
-                throw new ProtocolException(sprintf('%s descriptor %d name_len %d is not in 1..255', $what, $i, $d['name_len']));
+                throw new ProtocolException(sprintf(
+                    '%s descriptor %d name_len %d is not in 1..255',
+                    $what,
+                    $i,
+                    $d['name_len'],
+                ));
             }
             self::expectNonNegative("$what descriptor $i offset", $d['off']);
             self::expectNonNegative("$what descriptor $i nbytes", $d['nbytes']);

@@ -147,6 +147,7 @@ class Server:
             except OSError:
                 return
             conn = _Connection(self, sock)
+            log.debug("connection from pid %d (uid %d)", conn.peer_pid, conn.peer_uid)
             with self._lock:
                 self.connections.add(conn)
                 self.accepted += 1
@@ -219,14 +220,16 @@ class _Connection:
                 return
             while self._serve_one():
                 pass
-        except OSError:
-            pass  # the peer died or closed mid-frame: nothing to answer
+        except OSError as exc:
+            # The peer died or closed mid-frame: nothing to answer.
+            log.debug("connection of pid %d ended: %s", self.peer_pid, exc)
         finally:
             if self.region is not None:
                 self.region.close()
                 self.region = None
             self.sock.close()
             self.server._forget(self)
+            log.debug("connection of pid %d closed", self.peer_pid)
 
     def _hang_up(self) -> None:
         """Close our side, then drain what the peer already sent (bounded), so that closing

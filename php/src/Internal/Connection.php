@@ -1,0 +1,305 @@
+<?php
+
+declare(strict_types=1);
+
+namespace TensorBridge\Internal;
+
+use TensorBridge\Exception\ConnectionException;
+use TensorBridge\Exception\ProtocolException;
+use TensorBridge\Exception\TimeoutException;
+
+/**
+ * The Unix-socket control channel (spec §1, §3): exact-length frame I/O with deadlines.
+ *
+ * All socket errors become exceptions here and nowhere else. A connection whose framing is
+ * lost (EOF, reset, protocol error, a frame half-read or half-written at a timeout) is dropped.
+ *
+ * @internal
+ */
+final class Connection
+{
+    /** @var array<string, true> paths whose persistent stream a live Connection of this process holds */
+    private static array $persistentInUse = [];
+
+    /**
+     * @param resource|null $stream the persistent stream the socket was imported from, if any
+     */
+    private function __construct(
+        private ?\Socket $socket,
+        private mixed $stream,
+        public readonly string $path,
+        private readonly float $timeout,
+    ) {
+    }
+
+    /**
+     * Connects to the server's socket; persistent streams are shared across requests of a PHP worker.
+     */
+    public static function open(string $path, float $timeout, bool $persistent): self
+    {
+        if ($persistent && !isset(self::$persistentInUse[$path])) {
+            $errno = 0;
+            $errstr = '';
+            $stream = @stream_socket_client(
+                'unix://' . $path,
+                $errno,
+                $errstr,
+                max($timeout, 0.001),
+                STREAM_CLIENT_CONNECT | STREAM_CLIENT_PERSISTENT,
+            );
+            if ($stream === false) {
+                throw self::connectError($path, $errstr !== '' ? $errstr : 'error ' . $errno);
+            }
+            $socket = @socket_import_stream($stream);
+            if ($socket === false) {
+                @fclose($stream);
+                throw new ConnectionException(sprintf('cannot use the socket stream for %s', $path));
+            }
+            self::$persistentInUse[$path] = true;
+            return new self($socket, $stream, $path, $timeout);
+        }
+        $socket = @socket_create(AF_UNIX, SOCK_STREAM, 0);
+        if ($socket === false) {
+            throw new ConnectionException('cannot create a Unix socket: ' . socket_strerror(socket_last_error()));
+        }
+        if (!@socket_connect($socket, $path)) {
+            $err = socket_strerror(socket_last_error($socket));
+            socket_close($socket);
+            throw self::connectError($path, $err);
+        }
+        return new self($socket, null, $path, $timeout);
+    }
+
+    /**
+     * Whether the connection can still be used.
+     */
+    public function isOpen(): bool
+    {
+        return $this->socket !== null;
+    }
+
+    /**
+     * The underlying socket (for recvmsg of the fd carrier).
+     */
+    public function socket(): \Socket
+    {
+        if ($this->socket === null) {
+            throw new ConnectionException('the connection is closed');
+        }
+        return $this->socket;
+    }
+
+    /**
+     * Sends all bytes before the deadline (hrtime ns).
+     *
+     * A timeout before the first byte leaves the connection usable; after it, the connection is dropped.
+     */
+    public function send(string $data, int $deadline): void
+    {
+        $sock = $this->socket();
+        $len = strlen($data);
+        $sent = 0;
+        while ($sent < $len) {
+            $rest = $sent === 0 ? $data : substr($data, $sent);
+            $n = @socket_send($sock, $rest, $len - $sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+            if ($n === false) {
+                $err = socket_last_error($sock);
+                socket_clear_error($sock);
+                if ($err === SOCKET_EAGAIN || $err === SOCKET_EINTR) {
+                    if (!$this->wait(false, $deadline)) {
+                        if ($sent > 0) {
+                            $this->drop();
+                        }
+                        throw new TimeoutException(
+                            sprintf('timed out after %.3f s sending to %s', $this->timeout, $this->path),
+                            $this->timeout,
+                        );
+                    }
+                    continue;
+                }
+                throw $this->ioError($err);
+            }
+            $sent += $n;
+        }
+    }
+
+    /**
+     * Reads one frame with exact-length reads (never past the frame, spec §5.1).
+     *
+     * @return array{0: FrameHeader, 1: string}
+     */
+    public function readFrame(int $deadline, int $spinMicros = 0): array
+    {
+        $raw = $this->readExact(Wire::HEADER_SIZE, $deadline, $spinMicros, false);
+        try {
+            $header = Wire::decodeHeader($raw);
+        } catch (ProtocolException $e) {
+            $this->drop();
+            throw $e;
+        }
+        $body = $header->bodyLen === 0 ? '' : $this->readExact($header->bodyLen, $deadline, 0, true);
+        return [$header, $body];
+    }
+
+    /**
+     * Receives the fd carrier byte with its SCM_RIGHTS descriptor (spec §5.1).
+     *
+     * @return resource the received descriptor as a stream
+     */
+    public function receiveDescriptor(int $deadline): mixed
+    {
+        $sock = $this->socket();
+        while (true) {
+            $msg = ['buffer_size' => 1, 'controllen' => socket_cmsg_space(SOL_SOCKET, SCM_RIGHTS, 1)];
+            socket_clear_error();
+            $n = @socket_recvmsg($sock, $msg, MSG_DONTWAIT);
+            if ($n === false) {
+                // socket_recvmsg() records its errno only in the global error, not the socket's
+                $err = socket_last_error($sock) ?: socket_last_error();
+                socket_clear_error($sock);
+                socket_clear_error();
+                if ($err === SOCKET_EAGAIN || $err === SOCKET_EINTR) {
+                    if (!$this->wait(true, $deadline)) {
+                        $this->drop();
+                        throw new TimeoutException(
+                            sprintf('timed out after %.3f s waiting for the region descriptor', $this->timeout),
+                            $this->timeout,
+                        );
+                    }
+                    continue;
+                }
+                throw $this->ioError($err);
+            }
+            if ($n === 0) {
+                throw $this->ioError(0);
+            }
+            $fd = $msg['control'][0]['data'][0] ?? null;
+            if (($msg['iov'][0] ?? null) !== Wire::FD_CARRIER || !is_resource($fd)) {
+                $this->drop();
+                throw new ProtocolException('ATTACH_OK was not followed by the fd carrier byte with a descriptor');
+            }
+            return $fd;
+        }
+    }
+
+    /**
+     * Closes the connection; with $drop a persistent stream is closed too, so the next Client reconnects.
+     */
+    public function close(bool $drop = false): void
+    {
+        if ($this->socket === null) {
+            return;
+        }
+        if ($this->stream !== null) {
+            unset(self::$persistentInUse[$this->path]);
+            $this->socket = null;
+            if ($drop && is_resource($this->stream)) {
+                @fclose($this->stream);
+            }
+            $this->stream = null;
+            return;
+        }
+        @socket_close($this->socket);
+        $this->socket = null;
+    }
+
+    /**
+     * Closes the connection for good (its framing is lost or the peer is gone).
+     */
+    public function drop(): void
+    {
+        $this->close(true);
+    }
+
+    public function __destruct()
+    {
+        $this->close();
+    }
+
+    private function readExact(int $len, int $deadline, int $spinMicros, bool $midFrame): string
+    {
+        $sock = $this->socket();
+        $buf = '';
+        $spinUntil = $spinMicros > 0 ? hrtime(true) + $spinMicros * 1000 : 0;
+        while (true) {
+            $chunk = '';
+            $n = @socket_recv($sock, $chunk, $len - strlen($buf), MSG_DONTWAIT);
+            if ($n === false) {
+                $err = socket_last_error($sock);
+                socket_clear_error($sock);
+                if ($err !== SOCKET_EAGAIN && $err !== SOCKET_EINTR) {
+                    throw $this->ioError($err);
+                }
+                if ($spinUntil > 0 && hrtime(true) < $spinUntil && $buf === '') {
+                    continue;
+                }
+                if (!$this->wait(true, $deadline)) {
+                    if ($midFrame || $buf !== '') {
+                        $this->drop();
+                    }
+                    throw new TimeoutException(
+                        sprintf('timed out after %.3f s waiting for the server at %s', $this->timeout, $this->path),
+                        $this->timeout,
+                    );
+                }
+                continue;
+            }
+            if ($n === 0) {
+                throw $this->ioError(0);
+            }
+            $buf .= $chunk;
+            if (strlen($buf) === $len) {
+                return $buf;
+            }
+        }
+    }
+
+    /**
+     * Waits for readability/writability until the deadline; false when it passed.
+     */
+    private function wait(bool $read, int $deadline): bool
+    {
+        $sock = $this->socket();
+        while (true) {
+            $left = $deadline - hrtime(true);
+            if ($left <= 0) {
+                return false;
+            }
+            $r = $read ? [$sock] : null;
+            $w = $read ? null : [$sock];
+            $e = null;
+            $n = @socket_select($r, $w, $e, intdiv($left, 1_000_000_000), intdiv($left % 1_000_000_000, 1000));
+            if ($n === false) {
+                $err = socket_last_error();
+                socket_clear_error();
+                if ($err === SOCKET_EINTR) {
+                    continue;
+                }
+                throw $this->ioError($err);
+            }
+            if ($n > 0) {
+                return true;
+            }
+        }
+    }
+
+    private function ioError(int $errno): ConnectionException
+    {
+        $this->drop();
+        if ($errno === 0 || $errno === SOCKET_EPIPE || $errno === SOCKET_ECONNRESET) {
+            return new ConnectionException(sprintf(
+                'the server at %s closed the connection (did it crash or restart?)',
+                $this->path,
+            ));
+        }
+        return new ConnectionException(sprintf('socket error on %s: %s', $this->path, socket_strerror($errno)));
+    }
+
+    private static function connectError(string $path, string $reason): ConnectionException
+    {
+        $hint = str_contains(strtolower($reason), 'permission')
+            ? ' Check that this user may access the socket (mode 0660: add it to the socket\'s group).'
+            : sprintf(' Is `tensorbridge serve --socket %s` running?', $path);
+        return new ConnectionException(sprintf('cannot connect to %s: %s.%s', $path, rtrim($reason, '.'), $hint));
+    }
+}
