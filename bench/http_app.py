@@ -21,14 +21,15 @@ from fastapi import FastAPI, Request, Response
 from tensorbridge.models import testing
 
 MODELS = {"echo": testing.echo(), "head": testing.head()}
+DEVICE = torch.device("cpu")
 app = FastAPI()
 
 
 def _run(model: str, x: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
-        t = torch.from_numpy(x)
+        t = torch.from_numpy(x).to(DEVICE)
         out = MODELS[model]({"x": t})["x"] if model == "echo" else MODELS[model](t)
-        return out.numpy()
+        return out.cpu().numpy()
 
 
 def _from_json(body: dict) -> np.ndarray:
@@ -76,7 +77,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8781)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    DEVICE = torch.device(args.device)
+    MODELS = {k: m.to(DEVICE) for k, m in MODELS.items()}
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning",
                 http="httptools", loop="uvloop" if _has_uvloop() else "asyncio")

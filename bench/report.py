@@ -10,7 +10,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
-    "tb_tiny": "TensorBridge", "http_json_tiny": "HTTP+JSON (json)",
+    "tb_tiny": "TensorBridge", "tb_tiny_spin": "TensorBridge, 50 µs spin both sides",
+    "http_json_tiny": "HTTP+JSON (json)",
     "http_orjson_tiny": "HTTP+JSON (orjson)", "http_binary_tiny": "HTTP+binary",
     "floor_uds": "floor: raw Unix-socket ping-pong", "floor_shm_tiny": "floor: ping-pong + shm write",
     "tb_large": "TensorBridge", "http_binary_large": "HTTP+binary",
@@ -78,7 +79,7 @@ def render(res: dict[str, Any]) -> str:
                    f"{_fmt(_med([r['client_cpu_us_per_req'] for r in rows]))} |")
     out += ["", "## S6 the real web stack: wrk -> nginx -> PHP-FPM -> model", ""]
     if res["S6"]:
-        out += ["8 connections, 4 FPM workers; the page sends 64 floats to the no-op model. "
+        out += ["8 connections, 8 FPM workers; the page sends 64 floats to the no-op model. "
                 "curl handles die with the web request under FPM, so HTTP pays a TCP connect "
                 "per page; TensorBridge reuses its persistent connection.", "",
                 "| transport | req/s | p50 | p99 |", "|---|---:|---:|---:|"]
@@ -113,7 +114,7 @@ def plots(res: dict[str, Any], img: Path) -> None:
         ax.set_yticks(list(y), [LABELS.get(v, v) for v in names], fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("µs per call (log)")
-        ax.set_title(TITLES[key].split(":")[0] + ": " + TITLES[key].split(": ")[1][:38], fontsize=9)
+        ax.set_title(TITLES[key], fontsize=8)
         ax.invert_yaxis()
     axes[0].legend(fontsize=8)
     fig.suptitle(f"PHP -> model round trip, {res['date']}, {res['machine']['cpu']}", fontsize=10)
@@ -138,11 +139,51 @@ def plots(res: dict[str, Any], img: Path) -> None:
     plt.close(fig)
 
 
+def headline(res: dict[str, Any]) -> str:
+    """The short table the README shows (between its bench markers)."""
+    s1, s2, s3 = res["S1"], res["S2"], res["S3"]
+
+    def p(reps: list[dict[str, Any]], v: str, q: str = "p50") -> str:
+        return _fmt(_med([r[v][q] for r in reps]))
+
+    m = res["machine"]
+    rows = [
+        ("16 B tensor, no-op model", p(s1, "tb_tiny"), p(s1, "tb_tiny_spin"),
+         p(s1, "http_binary_tiny"), p(s1, "http_json_tiny"), p(s1, "floor_shm_tiny")),
+        ("602,112 B in, 4 KB out", p(s2, "tb_large"), "–", p(s2, "http_binary_large"),
+         p(s2, "http_json_large"), p(s2, "floor_shm_large")),
+        ("150,528 PHP floats in", p(s3, "tb_array"), "–", "–", "–",
+         p(s3, "pack_only") + " (pack alone)"),
+    ]
+    lines = [f"Measured {res['date']} on {m['cpu']}, {m['cores']} vCPU (a shared VM), "
+             "PHP CLI client, medians of 3 interleaved repeats, p50 per call:", "",
+             "| PHP -> model round trip | TensorBridge | TensorBridge, 50 µs spin | HTTP+binary "
+             "| HTTP+JSON | raw floor |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "![latency by scenario](docs/img/latency.png)", "",
+              "Throughput, web-stack numbers, goals met and missed: "
+              "[docs/benchmarks.md](docs/benchmarks.md)."]
+    return "\n".join(lines)
+
+
+def update_readme(res: dict[str, Any], readme: Path = ROOT / "README.md") -> None:
+    """Replace the text between the README's bench markers with the headline table."""
+    text = readme.read_text()
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(head + start + "\n" + headline(res) + "\n" + end
+                          + rest.split(end, 1)[1])
+
+
 def main(path: str, docs: Path = ROOT / "docs") -> None:
     res = json.loads(Path(path).read_text())
     (docs / "benchmarks.md").write_text(render(res))
     plots(res, docs / "img")
-    print(f"wrote {docs / 'benchmarks.md'} and {docs / 'img'}/*.png", file=sys.stderr)
+    if docs == ROOT / "docs":
+        update_readme(res)
+    print(f"wrote {docs / 'benchmarks.md'}, {docs / 'img'}/*.png and the README table",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

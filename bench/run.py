@@ -65,6 +65,10 @@ class Services:
         return str(self.tmp / "tb.sock")
 
     @property
+    def tb_spin_socket(self) -> str:
+        return str(self.tmp / "tb-spin.sock")
+
+    @property
     def floor_socket(self) -> str:
         return str(self.tmp / "floor.sock")
 
@@ -88,16 +92,23 @@ class Services:
     def start(self) -> None:
         log("starting servers: tensorbridge, uvicorn (FastAPI), floor ...")
         self.tb = self._spawn("tensorbridge", [sys.executable, "-m", "tensorbridge", "serve", "--socket",
-                               self.tb_socket, "--threads", str(self.threads), "--log-level",
+                               self.tb_socket, "--threads", str(self.threads), "--device",
+                               self.device, "--log-level",
                                "info", "--model", "echo=tensorbridge.models.testing:echo",
                                "--model", "head=tensorbridge.models.testing:head"], "ready on")
+        # The same server with a 50 µs spin after each reply (paired with a 50 µs client spin).
+        self.tb_spin = self._spawn("tensorbridge-spin", [
+            sys.executable, "-m", "tensorbridge", "serve", "--socket", self.tb_spin_socket,
+            "--threads", str(self.threads), "--spin-us", "50", "--device", self.device,
+            "--model", "echo=tensorbridge.models.testing:echo"], "ready on")
         self.floor = self._spawn("floor", [sys.executable, str(BENCH / "floor_server.py"),
                                   self.floor_socket], "ready")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.http_port = s.getsockname()[1]
         self.http = self._spawn("uvicorn", [sys.executable, str(BENCH / "http_app.py"), "--port",
-                                 str(self.http_port), "--threads", str(self.threads)])
+                                 str(self.http_port), "--threads", str(self.threads),
+                                 "--device", self.device])
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -127,7 +138,7 @@ class Services:
     def job(self, mode: str) -> dict[str, Any]:
         job: dict[str, Any] = {"mode": mode, "url": self.url}
         if mode.startswith("tb_"):
-            job["socket"] = self.tb_socket
+            job["socket"] = self.tb_spin_socket if mode.endswith("_spin") else self.tb_socket
         if mode.startswith("floor_"):
             job["floor"] = self.floor_socket
         return job
@@ -230,7 +241,7 @@ user = root
 group = root
 listen = {tmp}/fpm.sock
 pm = static
-pm.max_children = 4
+pm.max_children = 8
 """)
     (tmp / "nginx.conf").write_text(f"""daemon off;
 user root;
@@ -242,14 +253,13 @@ http {{
   access_log off;
   client_body_temp_path {tmp}/body; fastcgi_temp_path {tmp}/fcgi;
   proxy_temp_path {tmp}/proxy; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  upstream fpm {{ server unix:{tmp}/fpm.sock; keepalive 8; }}
+  upstream fpm {{ server unix:{tmp}/fpm.sock; }}
   server {{
     listen 127.0.0.1:{port};
     root {BENCH}/php;
     location ~ \\.php$ {{
       include /etc/nginx/fastcgi_params;
       fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
-      fastcgi_keep_conn on;
       fastcgi_pass fpm;
     }}
   }}
@@ -390,7 +400,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     try:
         results["S1"] = latency_scenario(svc, "S1", {
-            "tb_tiny": n(1000, 20), "http_json_tiny": n(500, 20),
+            "tb_tiny": n(1000, 20), "tb_tiny_spin": n(1000, 20), "http_json_tiny": n(500, 20),
             "http_orjson_tiny": n(500, 20), "http_binary_tiny": n(500, 20),
             "floor_uds": n(1000, 20), "floor_shm_tiny": n(1000, 20)},
             repeats, n(4, 1), n(200, 5))

@@ -72,13 +72,15 @@ function floorTrip(array $conn, string $payload): void
 $url = $job['url'] ?? '';
 $ch = curl_init();
 curl_setopt($ch, CURLOPT_TCP_NODELAY, true);
-$client = isset($job['socket']) ? new Client($job['socket'], timeout: 30.0) : null;
+$client = isset($job['socket'])
+    ? new Client($job['socket'], timeout: 30.0, spinMicros: str_ends_with($mode, '_spin') ? 50 : 0)
+    : null;
 $floor = isset($job['floor']) ? floorConnect($job['floor']) : null;
 $ctype = ['Content-Type: application/json'];
 
 $call = match ($mode) {
     // S1: tiny tensor, no-op model
-    'tb_tiny' => fn () => $client->infer('echo', ['x' => Tensor::fromBytes($tiny, 'float32', [4])])['x']->bytes(),
+    'tb_tiny', 'tb_tiny_spin' => fn () => $client->infer('echo', ['x' => Tensor::fromBytes($tiny, 'float32', [4])])['x']->bytes(),
     'http_json_tiny' => fn () => json_decode(curlPost($ch, "$url/json/echo", kserveJson([1.0, 2.0, 3.0, 4.0], [4]), $ctype), true),
     'http_orjson_tiny' => fn () => json_decode(curlPost($ch, "$url/orjson/echo", kserveJson([1.0, 2.0, 3.0, 4.0], [4]), $ctype), true),
     'http_binary_tiny' => fn () => curlPost($ch, "$url/binary/echo", $tiny, ['Content-Type: application/octet-stream', 'X-Shape: 4']),

@@ -42,7 +42,7 @@ def test_torchscript_file_with_inferred_signature(tmp_path: Path) -> None:
     # Output datatype and shape were learnt from the warm-up run, batch dim left dynamic.
     assert model.metadata()["outputs"] == [{"name": "output", "datatype": "FP32",
                                             "shape": [-1, 2]}]
-    out, _ = model.run({"features": torch.ones(3, 4)}, None)
+    out = model.predict({"features": torch.ones(3, 4)})
     assert out["output"].shape == (3, 2)
 
 
@@ -64,7 +64,7 @@ def test_eager_factory_with_weights(tmp_path: Path, suffix: str) -> None:
     reference = Affine()
     reference.load_state_dict(_weights())
     x = torch.rand(2, 4)
-    out, _ = model.run({"features": x}, None)
+    out = model.predict({"features": x})
     assert torch.allclose(out["output"], reference(x))
 
 
@@ -91,7 +91,7 @@ outputs = [{{name = "score", datatype = "FP32", shape = [-1, 2]}}]
     assert mc.weights == str(tmp_path / "w.safetensors") and mc.max_queue == 3
     model = tb.load_model(mc)
     assert model.metadata()["inputs"][0]["datatype"] == "FP32"
-    assert model.run({"features": torch.ones(1, 4)}, None)[0]["score"].shape == (1, 2)
+    assert model.predict({"features": torch.ones(1, 4)})["score"].shape == (1, 2)
 
 
 def test_toml_config_rejects_unknown_keys(tmp_path: Path) -> None:

@@ -238,3 +238,19 @@ def test_many_threads_share_one_server(inproc) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_slow_model_does_not_stall_other_connections(inproc) -> None:
+    import select
+
+    slow = _raw(inproc.config.socket)
+    slow.sendall(_infer_frame(1, "sleep", [1500.0]))
+    time.sleep(0.05)
+    with tb.Client(inproc.config.socket) as c:
+        assert c.infer("echo", {"x": torch.ones(2)})["x"].tolist() == [1.0, 1.0]
+        assert c.ping()["connections_open"] == 2
+    # The other connection got its answers while the sleeper is still computing.
+    assert select.select([slow], [], [], 0)[0] == []
+    h, _ = _read_frame(slow)
+    assert h.type == FrameType.INFER_OK
+    slow.close()

@@ -56,12 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "@weights (.pth or .safetensors); repeatable")
     serve.add_argument("--threads", type=int, default=_env_int("TENSORBRIDGE_THREADS", 0),
                        help="torch intra-op threads, 0 = torch default (env TENSORBRIDGE_THREADS)")
+    serve.add_argument("--device", default=os.environ.get("TENSORBRIDGE_DEVICE", "cpu"),
+                       help="device for models given with --model: cpu, cuda, cuda:1 "
+                            "(env TENSORBRIDGE_DEVICE; default %(default)s)")
     serve.add_argument("--warmup", type=int, default=None,
                        help="warm-up runs per model given with --model (default 2)")
     serve.add_argument("--region-cap-mb", type=float,
                        default=float(os.environ.get("TENSORBRIDGE_REGION_CAP_MB", 1024)),
                        help="largest shared-memory region per connection in MiB "
                             "(env TENSORBRIDGE_REGION_CAP_MB; default %(default)s)")
+    serve.add_argument("--spin-us", type=int, default=_env_int("TENSORBRIDGE_SPIN_US", -1),
+                       help="poll for the next request this long before sleeping "
+                            "(env TENSORBRIDGE_SPIN_US; default 0 = block at once)")
     serve.add_argument("--allow-uid", type=int, action="append", default=[],
                        help="only this uid may connect (SO_PEERCRED); repeatable")
     serve.add_argument("--log-level", default=os.environ.get("TENSORBRIDGE_LOG_LEVEL", "info"),
@@ -87,11 +93,14 @@ def _serve(args: argparse.Namespace) -> int:
         model = ModelConfig.from_cli(text)
         if args.warmup is not None:
             model.warmup = args.warmup
+        model.device = args.device
         config.models.append(model)
     if args.threads:
         config.threads = args.threads
     config.region_cap = int(args.region_cap_mb * (1 << 20))
     config.allow_uid = args.allow_uid or config.allow_uid
+    if args.spin_us >= 0:
+        config.spin_us = args.spin_us
     if not config.models:
         print("tensorbridge serve: no models; give --model NAME=SOURCE or --config FILE",
               file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._errors import ModelError, OverloadedError
+from ._errors import ModelError
 from ._signature import ANY, Signature
 from ._spec import BY_NAME, BY_TORCH
 
@@ -57,7 +56,7 @@ class ModelConfig:
 
 
 class LoadedModel:
-    """A model kept in memory, with its signature and admission control."""
+    """A model kept in memory with its signature; the server queues requests for it."""
 
     def __init__(self, config: ModelConfig, module: Any, signature: Signature) -> None:
         self.config = config
@@ -65,44 +64,16 @@ class LoadedModel:
         self.module = module
         self.signature = signature
         self.device = torch.device(config.device)
-        self._slots = threading.Semaphore(config.max_concurrency)
-        self._lock = threading.Lock()
-        self._waiting = 0
 
     def metadata(self) -> dict[str, Any]:
         """Spec §4.1 entry for MODELS_OK."""
         return {"name": self.name, **self.signature.as_dict()}
 
-    def run(self, inputs: Mapping[str, Any], deadline: float | None) -> tuple[dict[str, Any],
-                                                                              float]:
-        """Wait for a slot (bounded queue, deadline), then compute. Returns (outputs, waited s).
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the model once on named inputs in inference mode; return named CPU outputs.
 
-        Raises ``OverloadedError`` at once when the queue is full, and ``TimeoutError`` (the
-        builtin) when the deadline passes before a slot frees up.
+        Raises ``ModelError`` (with the model's exception type and text) when the model fails.
         """
-        start = time.monotonic()
-        with self._lock:
-            if self._waiting >= self.config.max_queue + self.config.max_concurrency:
-                raise OverloadedError(
-                    f"model {self.name!r} has {self._waiting} requests queued or running "
-                    f"(max_queue={self.config.max_queue}); retry later or raise max_queue")
-            self._waiting += 1
-        try:
-            timeout = None if deadline is None else max(0.0, deadline - start)
-            if not self._slots.acquire(timeout=timeout):
-                raise TimeoutError
-            try:
-                waited = time.monotonic() - start
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError
-                return self._call(inputs), waited
-            finally:
-                self._slots.release()
-        finally:
-            with self._lock:
-                self._waiting -= 1
-
-    def _call(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         if self.device.type != "cpu":
             inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
                       else v for k, v in inputs.items()}
@@ -129,7 +100,11 @@ class LoadedModel:
             out = {names[0]: result}
         for key, value in out.items():
             if isinstance(value, torch.Tensor):
-                out[key] = value.detach().to("cpu").contiguous()
+                if value.device.type != "cpu":
+                    value = value.to("cpu")
+                if not value.is_contiguous():
+                    value = value.contiguous()
+                out[key] = value
             elif not _is_bytes_list(value):
                 raise ModelError(f"model {self.name!r} output {key!r} is a "
                                  f"{type(value).__name__}; return tensors, or lists of bytes/str "
@@ -165,7 +140,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         else:
             t1 = time.monotonic()
             for i in range(config.warmup):
-                result = model._call(example)
+                result = model.predict(example)
                 log.info("warm-up %r: run %d/%d", config.name, i + 1, config.warmup)
             if outputs is None:
                 model.signature = _signature_from_run(signature, result)

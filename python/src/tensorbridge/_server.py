@@ -1,8 +1,14 @@
-"""The model server: accepts connections on a Unix socket and serves each in its own thread.
+"""The model server: one I/O thread for every connection, one queue and worker threads per model.
 
-A thread per connection keeps a slow model from stalling anything but the connection that
-asked for it (torch releases the GIL while it computes), and a blocking ``recv`` is the
-cheapest wait measured on this platform (see spec §1).
+The I/O thread waits on all sockets with epoll, parses frames and answers the cheap ones
+(PING, MODELS, ATTACH) itself. An INFER is validated there, then queued for its model
+(``_scheduler``); the model's worker computes it, writes the outputs into the connection's
+region and sends the reply. A connection is paused while one of its requests is with a
+model, so that replies go out in request order (spec §5.2), and resumed afterwards.
+
+Why not a thread per connection: it has the lowest latency for one client, but with 16+
+PHP workers the threads fight over the GIL and throughput fell below half of uvicorn's
+(measured; see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import socket
 import stat
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,12 +35,14 @@ from ._errors import (
     InvalidInputError,
     ModelError,
     ModelNotFoundError,
+    OverloadedError,
     PayloadTooLargeError,
     ProtocolError,
     TensorBridgeError,
 )
 from ._models import LoadedModel, load_model
 from ._region import Region
+from ._scheduler import Job, ModelQueue
 from ._spec import (
     ALIGN,
     BY_TORCH,
@@ -48,6 +58,7 @@ from ._spec import (
 )
 from ._wire import (
     AttachOk,
+    Header,
     InferReply,
     TensorDesc,
     check_crc,
@@ -65,6 +76,8 @@ from ._wire import (
 
 log = logging.getLogger("tensorbridge")
 _PEERCRED = struct.Struct("3i")
+_SEND_TIMEOUT = struct.pack("ll", 5, 0)  # a client that stops reading for 5 s is dropped
+_READ_CHUNK = 1 << 20
 
 
 def _align(n: int) -> int:
@@ -78,12 +91,17 @@ class Server:
         self.config = config
         self.models: dict[str, LoadedModel] = {m.name: m for m in models or ()}
         self.connections: set[_Connection] = set()
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._stopped = threading.Event()
         #: Connections accepted since start (shown by PING, used to check reuse).
         self.accepted = 0
+        self._queues: dict[str, ModelQueue] = {}
+        self._listener: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._resumed: deque[_Connection] = deque()
+        self._loop_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def load_models(self) -> None:
         """Load every model of the config, in order, logging progress."""
@@ -95,7 +113,7 @@ class Server:
             self.models[model.name] = model
 
     def start(self) -> None:
-        """Bind the socket and start accepting connections in a background thread."""
+        """Bind the socket and start serving in a background thread."""
         path = self.config.socket
         _clear_stale_socket(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -103,10 +121,14 @@ class Server:
         listener.bind(path)
         os.chmod(path, self.config.socket_mode)
         listener.listen(512)
+        listener.setblocking(False)
         self._listener = listener
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="tb-accept",
-                                               daemon=True)
-        self._accept_thread.start()
+        self._queues = {name: ModelQueue(m) for name, m in self.models.items()}
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, self._accept)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._loop_thread = threading.Thread(target=self._loop, name="tb-io", daemon=True)
+        self._loop_thread.start()
         log.info("serving %s on %s", ", ".join(self.models) or "no models", path)
 
     def serve_forever(self) -> None:
@@ -120,42 +142,23 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self._wake()
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout=10)
+        for queue in self._queues.values():
+            queue.stop()
+        for conn in list(self.connections):
+            conn.close()
         if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._listener.close()
             try:
                 os.unlink(self.config.socket)
             except FileNotFoundError:
                 pass
-        if self._accept_thread is not None:
-            self._accept_thread.join(timeout=5)
-        with self._lock:
-            conns = list(self.connections)
-        for conn in conns:
-            conn.shutdown()
-        for conn in conns:
-            conn.thread.join(timeout=5)
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopped.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            conn = _Connection(self, sock)
-            log.debug("connection from pid %d (uid %d)", conn.peer_pid, conn.peer_uid)
-            with self._lock:
-                self.connections.add(conn)
-                self.accepted += 1
-            conn.thread.start()
-
-    def _forget(self, conn: _Connection) -> None:
-        with self._lock:
-            self.connections.discard(conn)
+        if self._selector is not None:
+            self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def status(self) -> bytes:
         """PONG body (spec §4): identity plus connection counters."""
@@ -167,6 +170,83 @@ class Server:
     def metadata(self) -> bytes:
         """MODELS_OK body (spec §4.1)."""
         return json.dumps({"models": [m.metadata() for m in self.models.values()]}).encode()
+
+    # -- the I/O thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        assert self._selector is not None
+        select = self._selector.select
+        spin = self.config.spin_us / 1e6
+        while not self._stopped.is_set():
+            events = select(0) if spin else []
+            if spin and not events:
+                until = time.perf_counter() + spin
+                while not events and time.perf_counter() < until:
+                    events = select(0)
+            if not events:
+                events = select(self._select_timeout())
+            for key, _ in events:
+                key.data()
+            self._expire_queued()
+
+    def _select_timeout(self) -> float | None:
+        deadlines = [d for q in self._queues.values() if (d := q.next_deadline()) is not None]
+        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    def _expire_queued(self) -> None:
+        now = time.monotonic()
+        for queue in self._queues.values():
+            for job in queue.expire(now):
+                job.expire(job)
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._selector is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(True)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEOUT)
+            conn = _Connection(self, sock)
+            self.connections.add(conn)
+            self.accepted += 1
+            log.debug("connection from pid %d (uid %d)", conn.peer_pid, conn.peer_uid)
+            if conn.authorized():
+                self._selector.register(sock, selectors.EVENT_READ, conn.on_readable)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are shutting down
+
+    def _on_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._resumed:
+            self._resumed.popleft().resume()
+
+    def resume(self, conn: _Connection) -> None:
+        """Hand a connection back to the I/O thread (called from a model worker)."""
+        self._resumed.append(conn)
+        self._wake()
+
+    def unwatch(self, conn: _Connection) -> None:
+        assert self._selector is not None
+        try:
+            self._selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+
+    def queue_for(self, model: LoadedModel) -> ModelQueue:
+        return self._queues[model.name]
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -189,94 +269,143 @@ def _clear_stale_socket(path: str) -> None:
 
 
 class _Connection:
-    """One client: its socket, its private region, and the thread that serves it."""
+    """One client: its socket, its private region and its unparsed bytes.
+
+    Everything here runs in the I/O thread, except ``_compute`` (a model worker) while the
+    connection is paused (``busy``).
+    """
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         self.region: Region | None = None
         self.use_crc = False
+        self.busy = False  # a request of ours is with a model worker
+        self.eof = False  # the peer closed while we were busy: close once the worker is done
+        self.closed = False
+        self._buf = bytearray()
+        # Guards busy/_buf between the I/O thread and the worker finishing our request.
+        self._lock = threading.Lock()
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         self.peer_pid, self.peer_uid = pid, uid
-        self.thread = threading.Thread(target=self.run, name=f"tb-conn-{pid}", daemon=True)
 
-    def shutdown(self) -> None:
-        """Wake the serving thread; it then cleans up."""
+    def authorized(self) -> bool:
+        """Check the peer's uid (SO_PEERCRED); refuse it with UNAUTHORIZED if not allowed."""
+        allowed = self.server.config.allow_uid
+        if not allowed or self.peer_uid in allowed:
+            return True
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self._send_error(0, ErrorCode.UNAUTHORIZED,
+                             f"uid {self.peer_uid} may not use this server; allowed: {allowed} "
+                             "(--allow-uid)")
+            self._hang_up()
         except OSError:
             pass
+        self.close()
+        return False
 
-    def run(self) -> None:
-        """Serve frames until the peer goes away; then release the region."""
+    def close(self) -> None:
+        """Release the region and the socket. The client's copy of the memfd is its own."""
+        if self.closed:
+            return
+        self.closed = True
+        self.server.unwatch(self)
+        if self.region is not None:
+            self.region.close()
+            self.region = None
+        self.sock.close()
+        self.server.connections.discard(self)
+        log.debug("connection of pid %d closed", self.peer_pid)
+
+    def on_readable(self) -> None:
+        """The socket has data (or EOF): buffer it and serve the complete frames."""
         try:
-            allowed = self.server.config.allow_uid
-            if allowed and self.peer_uid not in allowed:
-                self._send_error(0, ErrorCode.UNAUTHORIZED,
-                                 f"uid {self.peer_uid} may not use this server; allowed: "
-                                 f"{allowed} (--allow-uid)")
-                self._hang_up()
-                return
-            while self._serve_one():
-                pass
+            data = self.sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as exc:
-            # The peer died or closed mid-frame: nothing to answer.
+            log.debug("connection of pid %d failed: %s", self.peer_pid, exc)
+            self.close()
+            return
+        with self._lock:
+            if not data and self.busy:
+                self.eof = True  # the worker still uses the region; it hands us back
+                self.server.unwatch(self)
+                return
+            self._buf += data
+            if self.busy:
+                return  # served when the worker hands the connection back
+        if not data:
+            self.close()
+            return
+        self._serve_buffered()
+
+    def finished(self) -> None:
+        """Called by the model worker after replying: un-pause; wake the I/O thread only when
+        frames arrived meanwhile or the peer left (the common case needs no wake-up)."""
+        with self._lock:
+            self.busy = False
+            pending = self.eof or len(self._buf) >= HEADER_SIZE
+        if pending:
+            self.server.resume(self)
+
+    def resume(self) -> None:
+        """In the I/O thread, after ``finished``: serve what arrived meanwhile, or close."""
+        if self.closed:
+            return
+        if self.eof:
+            self.close()
+            return
+        self._serve_buffered()
+
+    def _serve_buffered(self) -> None:
+        try:
+            while not self.busy and not self.closed and len(self._buf) >= HEADER_SIZE:
+                if not self._serve_one():
+                    return
+        except OSError as exc:  # the peer went away while we answered
             log.debug("connection of pid %d ended: %s", self.peer_pid, exc)
-        finally:
-            if self.region is not None:
-                self.region.close()
-                self.region = None
-            self.sock.close()
-            self.server._forget(self)
-            log.debug("connection of pid %d closed", self.peer_pid)
-
-    def _hang_up(self) -> None:
-        """Close our side, then drain what the peer already sent (bounded), so that closing
-        with unread data does not reset the connection before the peer reads our ERROR."""
-        self.sock.shutdown(socket.SHUT_WR)
-        self.sock.settimeout(1.0)
-        while self.sock.recv(65536):
-            pass
-
-    def _recv_exact(self, n: int) -> bytearray | None:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                return None
-            got += k
-        return buf
+            self.close()
 
     def _serve_one(self) -> bool:
-        head = self._recv_exact(HEADER_SIZE)
-        if head is None:
-            return False
+        """Serve the first frame in the buffer; False when it is not complete yet."""
         arrived = time.monotonic()
         try:
-            header = decode_header(head)
+            header = decode_header(memoryview(self._buf)[:HEADER_SIZE])
         except ProtocolError as exc:
             # The framing is lost: answer once and hang up (spec §3).
             self._send_error(0, ErrorCode.PROTOCOL_ERROR, str(exc))
             self._hang_up()
+            self.close()
             return False
-        body = self._recv_exact(header.body_len)
-        if body is None:
+        end = HEADER_SIZE + header.body_len
+        if len(self._buf) < end:
             return False
+        body = bytes(self._buf[HEADER_SIZE:end])
+        del self._buf[:end]
         rid = header.request_id
         try:
             check_crc(header, body)
-            self._dispatch(header.type, rid, body, arrived)
+            self._dispatch(header, body, arrived)
         except TensorBridgeError as exc:
             self._send_error(rid, exc.code, str(exc))
         except OSError:
-            raise  # the peer went away while we answered: run() cleans up
+            raise
         except Exception as exc:  # a server bug must not take the connection down
             log.exception("internal error on request %d", rid)
             self._send_error(rid, ErrorCode.INTERNAL, f"internal server error: {exc!r}")
         return True
+
+    def _hang_up(self) -> None:
+        """Shut our side, then discard what the peer already sent, so that closing with unread
+        data does not reset the connection before the peer has read our ERROR."""
+        self.sock.shutdown(socket.SHUT_WR)
+        try:
+            while self.sock.recv(65536, socket.MSG_DONTWAIT):
+                pass
+        except OSError:
+            pass
 
     def _send(self, ftype: FrameType, rid: int, body: bytes = b"") -> None:
         self.sock.sendall(encode_frame(ftype, rid, body, self.use_crc))
@@ -284,7 +413,8 @@ class _Connection:
     def _send_error(self, rid: int, code: int, message: str) -> None:
         self._send(FrameType.ERROR, rid, encode_error(code, message))
 
-    def _dispatch(self, ftype: FrameType, rid: int, body: bytearray, arrived: float) -> None:
+    def _dispatch(self, header: Header, body: bytes, arrived: float) -> None:
+        ftype, rid = header.type, header.request_id
         if ftype == FrameType.INFER:
             self._infer(rid, body, arrived)
         elif ftype == FrameType.ATTACH:
@@ -315,36 +445,77 @@ class _Connection:
         self._send(FrameType.ATTACH_OK, rid, encode_attach_ok(ok))
         socket.send_fds(self.sock, [FD_CARRIER], [self.region.fd])
 
-    def _infer(self, rid: int, body: bytearray, arrived: float) -> None:
+    def _infer(self, rid: int, body: bytes, arrived: float) -> None:
+        """Validate an INFER here, then queue it for its model's worker."""
         req = decode_infer(body)
         model = self.server.models.get(req.model)
         if model is None:
             raise ModelNotFoundError(f"model {req.model!r} is not loaded; loaded models: "
                                      f"{sorted(self.server.models)}")
-        deadline = arrived + req.timeout_us / 1e6 if req.timeout_us else None
         if req.out_capacity:
             self._check_range("output area", req.out_offset, req.out_capacity)
         inputs = {d.name: self._input(d, req.inline) for d in req.inputs}
         problem = model.signature.check_inputs({d.name: (d.dtype, d.shape) for d in req.inputs})
         if problem:
             raise InvalidInputError(f"model {model.name!r}: {problem}")
+        deadline = arrived + req.timeout_us / 1e6 if req.timeout_us else None
+        job = Job(model, inputs, deadline, arrived, self._compute, self._expired,
+                  {"rid": rid, "out": (req.out_offset, req.out_capacity),
+                   "timeout_us": req.timeout_us})
+        with self._lock:
+            self.busy = True
+        if not self.server.queue_for(model).submit(job):
+            with self._lock:
+                self.busy = False
+            raise OverloadedError(f"model {model.name!r} has {model.config.max_queue} requests "
+                                  "queued (max_queue); retry later or raise max_queue")
+
+    def _compute(self, job: Job) -> None:
+        """In a model worker: run the model, write the outputs, reply, hand back."""
+        rid = job.extra["rid"]
         try:
-            outputs, waited = model.run(inputs, deadline)
-        except TimeoutError:
-            raise DeadlineExceededError(
-                f"the request's deadline ({req.timeout_us / 1000:.1f} ms) passed before model "
-                f"{model.name!r} could run; it was not computed") from None
-        del inputs  # drop the views into the region before it can be replaced
-        started = arrived + waited
-        reply = self._place_outputs(outputs, req.out_offset, req.out_capacity)
-        done = time.monotonic()
-        reply.queue_us = int(waited * 1e6)
-        reply.compute_us = int((done - started) * 1e6)
-        self._send(FrameType.INFER_OK, rid, encode_infer_ok(reply))
-        slow = self.server.config.slow_ms
-        if slow and (done - arrived) * 1000 > slow:
-            log.warning("slow request: model %r took %.1f ms (queue %.1f ms)", model.name,
-                        (done - arrived) * 1000, waited * 1000)
+            started = job.extra["started"]
+            if job.deadline is not None and started >= job.deadline:
+                raise self._deadline_error(job)
+            outputs = job.model.predict(job.inputs)
+            job.inputs.clear()  # drop the views into the region before it can be replaced
+            reply = self._place_outputs(outputs, *job.extra["out"])
+            done = time.monotonic()
+            reply.queue_us = int((started - job.arrived) * 1e6)
+            reply.compute_us = int((done - started) * 1e6)
+            self._send(FrameType.INFER_OK, rid, encode_infer_ok(reply))
+            slow = self.server.config.slow_ms
+            if slow and (done - job.arrived) * 1000 > slow:
+                log.warning("slow request: model %r took %.1f ms (queued %.1f ms)",
+                            job.model.name, (done - job.arrived) * 1000,
+                            (started - job.arrived) * 1000)
+        except TensorBridgeError as exc:
+            self._reply_error(rid, exc)
+        except OSError as exc:
+            log.debug("connection of pid %d ended: %s", self.peer_pid, exc)
+        except Exception as exc:
+            log.exception("internal error on request %d", rid)
+            self._reply_error(rid, TensorBridgeError(f"internal server error: {exc!r}"))
+        finally:
+            job.inputs.clear()
+            self.finished()
+
+    def _expired(self, job: Job) -> None:
+        """In the I/O thread: the job's deadline passed while it was queued."""
+        job.inputs.clear()
+        self._reply_error(job.extra["rid"], self._deadline_error(job))
+        self.finished()
+
+    def _deadline_error(self, job: Job) -> DeadlineExceededError:
+        return DeadlineExceededError(
+            f"the request's deadline ({job.extra['timeout_us'] / 1000:.1f} ms) passed before "
+            f"model {job.model.name!r} could run; it was not computed")
+
+    def _reply_error(self, rid: int, exc: TensorBridgeError) -> None:
+        try:
+            self._send_error(rid, exc.code, str(exc))
+        except OSError:
+            pass  # the peer is gone; the I/O thread notices on resume
 
     def _check_range(self, what: str, offset: int, nbytes: int) -> None:
         if self.region is None:
