@@ -10,7 +10,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
-    "tb_tiny": "TensorBridge", "tb_tiny_spin": "TensorBridge, 50 µs spin both sides",
+    "tb_tiny": "TensorBridge", "tb_tiny_spin": "TensorBridge, client spins 50 µs",
     "http_json_tiny": "HTTP+JSON (json)",
     "http_orjson_tiny": "HTTP+JSON (orjson)", "http_binary_tiny": "HTTP+binary",
     "floor_uds": "floor: raw Unix-socket ping-pong", "floor_shm_tiny": "floor: ping-pong + shm write",
@@ -157,7 +157,7 @@ def headline(res: dict[str, Any]) -> str:
     ]
     lines = [f"Measured {res['date']} on {m['cpu']}, {m['cores']} vCPU (a shared VM), "
              "PHP CLI client, medians of 3 interleaved repeats, p50 per call:", "",
-             "| PHP -> model round trip | TensorBridge | TensorBridge, 50 µs spin | HTTP+binary "
+             "| PHP -> model round trip | TensorBridge | TensorBridge, client spin 50 µs | HTTP+binary "
              "| HTTP+JSON | raw floor |", "|---|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "![latency by scenario](docs/img/latency.png)", "",

@@ -65,10 +65,6 @@ class Services:
         return str(self.tmp / "tb.sock")
 
     @property
-    def tb_spin_socket(self) -> str:
-        return str(self.tmp / "tb-spin.sock")
-
-    @property
     def floor_socket(self) -> str:
         return str(self.tmp / "floor.sock")
 
@@ -96,11 +92,6 @@ class Services:
                                self.device, "--log-level",
                                "info", "--model", "echo=tensorbridge.models.testing:echo",
                                "--model", "head=tensorbridge.models.testing:head"], "ready on")
-        # The same server with a 50 µs spin after each reply (paired with a 50 µs client spin).
-        self.tb_spin = self._spawn("tensorbridge-spin", [
-            sys.executable, "-m", "tensorbridge", "serve", "--socket", self.tb_spin_socket,
-            "--threads", str(self.threads), "--spin-us", "50", "--device", self.device,
-            "--model", "echo=tensorbridge.models.testing:echo"], "ready on")
         self.floor = self._spawn("floor", [sys.executable, str(BENCH / "floor_server.py"),
                                   self.floor_socket], "ready")
         with socket.socket() as s:
@@ -138,7 +129,7 @@ class Services:
     def job(self, mode: str) -> dict[str, Any]:
         job: dict[str, Any] = {"mode": mode, "url": self.url}
         if mode.startswith("tb_"):
-            job["socket"] = self.tb_spin_socket if mode.endswith("_spin") else self.tb_socket
+            job["socket"] = self.tb_socket
         if mode.startswith("floor_"):
             job["floor"] = self.floor_socket
         return job

@@ -65,9 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
                        default=float(os.environ.get("TENSORBRIDGE_REGION_CAP_MB", 1024)),
                        help="largest shared-memory region per connection in MiB "
                             "(env TENSORBRIDGE_REGION_CAP_MB; default %(default)s)")
-    serve.add_argument("--spin-us", type=int, default=_env_int("TENSORBRIDGE_SPIN_US", -1),
-                       help="poll for the next request this long before sleeping "
-                            "(env TENSORBRIDGE_SPIN_US; default 0 = block at once)")
     serve.add_argument("--allow-uid", type=int, action="append", default=[],
                        help="only this uid may connect (SO_PEERCRED); repeatable")
     serve.add_argument("--log-level", default=os.environ.get("TENSORBRIDGE_LOG_LEVEL", "info"),
@@ -99,8 +96,6 @@ def _serve(args: argparse.Namespace) -> int:
         config.threads = args.threads
     config.region_cap = int(args.region_cap_mb * (1 << 20))
     config.allow_uid = args.allow_uid or config.allow_uid
-    if args.spin_us >= 0:
-        config.spin_us = args.spin_us
     if not config.models:
         print("tensorbridge serve: no models; give --model NAME=SOURCE or --config FILE",
               file=sys.stderr)

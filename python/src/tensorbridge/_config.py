@@ -49,10 +49,10 @@ class ServerConfig:
     socket_mode: int = 0o660
     #: Requests slower than this are logged at WARNING, in milliseconds (0 = off).
     slow_ms: float = 50.0
-    #: After answering, poll for the next request this long before sleeping, in µs
-    #: (TENSORBRIDGE_SPIN_US). Saves a wake-up (~30-50 µs on a VM) for back-to-back calls at
-    #: the price of CPU; 0 = block at once.
-    spin_us: int = 0
+    #: Threads that take turns doing I/O and running requests for idle models inline; at
+    #: most this many requests (to different models) compute at once outside the models'
+    #: own worker threads.
+    io_threads: int = 4
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ServerConfig:
@@ -60,7 +60,7 @@ class ServerConfig:
         raw = tomllib.loads(Path(path).read_text())
         server: dict[str, Any] = dict(raw.get("server", {}))
         unknown = set(server) - {"socket", "threads", "region_initial_mb", "region_cap_mb",
-                                 "allow_uid", "socket_mode", "slow_ms", "spin_us"}
+                                 "allow_uid", "socket_mode", "slow_ms", "io_threads"}
         if unknown:
             raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}")
         config = cls()
@@ -74,7 +74,7 @@ class ServerConfig:
         config.allow_uid = [int(u) for u in server.get("allow_uid", [])]
         config.socket_mode = int(str(server.get("socket_mode", "660")), 8)
         config.slow_ms = float(server.get("slow_ms", config.slow_ms))
-        config.spin_us = int(server.get("spin_us", config.spin_us))
+        config.io_threads = max(2, int(server.get("io_threads", config.io_threads)))
         base = Path(path).parent
         for name, table in raw.get("models", {}).items():
             table = dict(table)

@@ -1,9 +1,10 @@
 """Per-model work queues: bounded, deadline-aware, served by the model's own threads.
 
-The I/O loop never runs a model: it queues the request here and goes on serving other
-connections, so a slow model stalls nobody but the requests waiting for it. A worker that
-finishes one request takes the next without sleeping, which keeps the hand-off cheap under
-load.
+A request for an idle model is run at once by the I/O thread that read it, after that
+thread has handed the I/O role to another (``try_claim``): no hand-off, no extra wake-up.
+A request for a busy model waits here and is run by the model's worker threads, so a slow
+model stalls nobody but the requests waiting for it; a worker that finishes one request
+takes the next without sleeping.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class ModelQueue:
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._active = 0  # requests running now, inline or in a worker
         self._threads = [threading.Thread(target=self._work, daemon=True,
                                           name=f"tb-model-{model.name}-{i}")
                          for i in range(model.config.max_concurrency)]
@@ -55,6 +57,27 @@ class ModelQueue:
             self._jobs.append(job)
             self._cv.notify()
             return True
+
+    def try_claim(self) -> bool:
+        """Take a compute slot for running a job inline; False when the model is busy."""
+        with self._cv:
+            if self._jobs or self._active >= self.model.config.max_concurrency:
+                return False
+            self._active += 1
+            return True
+
+    def run_claimed(self, job: Job) -> None:
+        """Run a job in this thread with the slot taken by ``try_claim``, then free it."""
+        job.extra["started"] = time.monotonic()
+        try:
+            job.run(job)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._cv:
+            self._active -= 1
+            self._cv.notify()
 
     def expire(self, now: float) -> list[Job]:
         """Remove and return the queued jobs whose deadline has passed."""
@@ -81,10 +104,15 @@ class ModelQueue:
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stopping:
+                while not self._stopping and not (
+                        self._jobs and self._active < self.model.config.max_concurrency):
                     self._cv.wait()
                 if self._stopping:
                     return
                 job = self._jobs.popleft()
+                self._active += 1
             job.extra["started"] = time.monotonic()
-            job.run(job)
+            try:
+                job.run(job)
+            finally:
+                self._release()

@@ -1,14 +1,17 @@
-"""The model server: one I/O thread for every connection, one queue and worker threads per model.
+"""The model server: a leader/follower pool of I/O threads over epoll, and per-model queues.
 
-The I/O thread waits on all sockets with epoll, parses frames and answers the cheap ones
-(PING, MODELS, ATTACH) itself. An INFER is validated there, then queued for its model
-(``_scheduler``); the model's worker computes it, writes the outputs into the connection's
-region and sends the reply. A connection is paused while one of its requests is with a
-model, so that replies go out in request order (spec §5.2), and resumed afterwards.
+One pool thread at a time (the leader) waits on all sockets, parses frames and answers the
+cheap ones (PING, MODELS, ATTACH) itself. An INFER is validated there; if its model is idle
+the leader hands the I/O role to the next pool thread and computes the request itself (no
+hand-off: the latency of a thread per connection); if the model is busy the request waits
+in the model's queue for its workers (``_scheduler``). Either way the outputs go into the
+connection's region and the reply is sent by the thread that computed it. A connection is
+paused while one of its requests is with a model, so that replies go out in request order
+(spec §5.2).
 
-Why not a thread per connection: it has the lowest latency for one client, but with 16+
-PHP workers the threads fight over the GIL and throughput fell below half of uvicorn's
-(measured; see docs/benchmarks.md).
+Why not a thread per connection: with 16+ PHP workers those threads fight over the GIL and
+throughput fell to half of uvicorn's (measured, see docs/benchmarks.md); an I/O thread that
+only queues (no inline run) scaled but cost one more wake-up per request.
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._resumed: deque[_Connection] = deque()
-        self._loop_thread: threading.Thread | None = None
+        self._pool: list[threading.Thread] = []
+        self._io_lock = threading.Lock()  # held by the leader, the one thread doing I/O
+        self._inline: tuple[ModelQueue, Job] | None = None  # a job the leader will run
+        self._computing = 0  # pool threads running a job inline (guarded by _count_lock)
+        self._count_lock = threading.Lock()
         self._stopped = threading.Event()
 
     def load_models(self) -> None:
@@ -127,8 +134,10 @@ class Server:
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ, self._accept)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        self._loop_thread = threading.Thread(target=self._loop, name="tb-io", daemon=True)
-        self._loop_thread.start()
+        self._pool = [threading.Thread(target=self._lead_or_compute, name=f"tb-io-{i}",
+                                       daemon=True) for i in range(self.config.io_threads)]
+        for t in self._pool:
+            t.start()
         log.info("serving %s on %s", ", ".join(self.models) or "no models", path)
 
     def serve_forever(self) -> None:
@@ -143,8 +152,8 @@ class Server:
             return
         self._stopped.set()
         self._wake()
-        if self._loop_thread is not None:
-            self._loop_thread.join(timeout=10)
+        for t in self._pool:
+            t.join(timeout=10)
         for queue in self._queues.values():
             queue.stop()
         for conn in list(self.connections):
@@ -173,21 +182,48 @@ class Server:
 
     # -- the I/O thread ------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        assert self._selector is not None
-        select = self._selector.select
-        spin = self.config.spin_us / 1e6
+    def _lead_or_compute(self) -> None:
+        """A pool thread: be the leader (I/O) until a request can run inline, then run it
+        while the next thread leads."""
         while not self._stopped.is_set():
-            events = select(0) if spin else []
-            if spin and not events:
-                until = time.perf_counter() + spin
-                while not events and time.perf_counter() < until:
-                    events = select(0)
-            if not events:
-                events = select(self._select_timeout())
-            for key, _ in events:
+            with self._io_lock:
+                if self._stopped.is_set():
+                    self._wake()  # pass the news on to the next thread in line
+                    return
+                inline = self._poll()
+            if inline is not None:
+                queue, job = inline
+                try:
+                    queue.run_claimed(job)
+                finally:
+                    with self._count_lock:
+                        self._computing -= 1
+
+    def _poll(self) -> tuple[ModelQueue, Job] | None:
+        """Wait for events and serve them; return a job to run inline, if any."""
+        assert self._selector is not None
+        while not self._stopped.is_set():
+            for key, _ in self._selector.select(self._select_timeout()):
                 key.data()
             self._expire_queued()
+            if self._inline is not None:
+                inline, self._inline = self._inline, None
+                return inline
+        return None
+
+    def dispatch(self, model: LoadedModel, job: Job) -> bool:
+        """Run ``job`` inline after this poll if its model is idle, else queue it.
+
+        False when the model's queue is full (the caller answers OVERLOADED)."""
+        queue = self._queues[model.name]
+        with self._count_lock:
+            # Someone must stay free to lead: never let the last pool thread go compute.
+            spare = self._inline is None and self._computing < len(self._pool) - 1
+            if spare and queue.try_claim():
+                self._computing += 1
+                self._inline = (queue, job)
+                return True
+        return queue.submit(job)
 
     def _select_timeout(self) -> float | None:
         deadlines = [d for q in self._queues.values() if (d := q.next_deadline()) is not None]
@@ -244,9 +280,6 @@ class Server:
             self._selector.unregister(conn.sock)
         except (KeyError, ValueError):
             pass
-
-    def queue_for(self, model: LoadedModel) -> ModelQueue:
-        return self._queues[model.name]
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -464,7 +497,7 @@ class _Connection:
                    "timeout_us": req.timeout_us})
         with self._lock:
             self.busy = True
-        if not self.server.queue_for(model).submit(job):
+        if not self.server.dispatch(model, job):
             with self._lock:
                 self.busy = False
             raise OverloadedError(f"model {model.name!r} has {model.config.max_queue} requests "
