@@ -7,9 +7,9 @@ export PYTHONDONTWRITEBYTECODE = 1
 
 .PHONY: setup demo test test-python test-php lint bench bench-quick vectors clean
 
-APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl phpunit nginx-light wrk
+APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit nginx-light wrk
 
-# Installs: PHP (CLI, FPM, curl for the HTTP baselines), phpunit, nginx and wrk (apt, only
+# Installs: PHP (CLI, FPM; curl and gd for the benchmark baselines), phpunit, nginx and wrk (apt, only
 # when missing), torch 2.13.0 (the CPU wheel; a looser pin pulls CUDA builds), and the
 # tensorbridge package with its dev and bench extras.
 setup:

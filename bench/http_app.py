@@ -3,6 +3,7 @@
 * ``POST /json/{model}``   KServe-v2-style JSON (stdlib ``json``)
 * ``POST /orjson/{model}`` the same with orjson
 * ``POST /binary/{model}`` raw little-endian FP32 body (``X-Shape: 1,3,224,224``), raw FP32 back
+* ``POST /jpeg/{model}``   a JPEG file; Pillow preprocessing on the server; top-5 JSON back
 
 Run: ``python bench/http_app.py --port 8781 --threads 1``.
 """
@@ -16,11 +17,12 @@ import numpy as np
 import orjson
 import torch
 import uvicorn
+import vision
 from fastapi import FastAPI, Request, Response
 
 from tensorbridge.models import testing
 
-MODELS = {"echo": testing.echo(), "head": testing.head()}
+MODELS = {"echo": testing.echo(), "head": testing.head(), "resnet": vision.resnet18()}
 DEVICE = torch.device("cpu")
 app = FastAPI()
 
@@ -29,6 +31,8 @@ def _run(model: str, x: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         t = torch.from_numpy(x).to(DEVICE)
         out = MODELS[model]({"x": t})["x"] if model == "echo" else MODELS[model](t)
+        if isinstance(out, tuple):  # resnet: (top-5 index, top-5 prob); send the probabilities
+            out = out[1]
         return out.cpu().numpy()
 
 
@@ -71,6 +75,16 @@ def _has_uvloop() -> bool:
     except ImportError:
         return False
     return True
+
+
+@app.post("/jpeg/{model}")
+async def infer_jpeg(model: str, request: Request) -> Response:
+    """The strongest HTTP variant of the seed's scenario: the JPEG itself, Pillow on the server."""
+    with torch.inference_mode():
+        index, prob = MODELS[model](vision.preprocess(await request.body()).to(DEVICE))
+    return Response(json.dumps({"top5": [{"class": int(i), "p": float(p)} for i, p in
+                                         zip(index[0].tolist(), prob[0].tolist(), strict=True)]}),
+                    media_type="application/json")
 
 
 if __name__ == "__main__":

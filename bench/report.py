@@ -18,10 +18,18 @@ LABELS = {
     "http_json_large": "HTTP+JSON (json)", "http_orjson_large": "HTTP+JSON (orjson)",
     "floor_shm_large": "floor: ping-pong + shm write/copy", "tb_array": "TensorBridge from a float array",
     "pack_only": "pack('g*') alone", "tb": "TensorBridge", "json": "HTTP+JSON", "binary": "HTTP+binary",
+    "tb_jpeg": "JPEG bytes via TensorBridge, Pillow in the server",
+    "http_jpeg": "JPEG POSTed over HTTP, Pillow in the server",
+    "seed_gd": "seed: PHP GD + pack('g*'), tensor via TensorBridge",
+    "direct_jpeg": "reference: preprocessing + model called directly",
+    "tb_resnet": "TensorBridge, ResNet-18", "http_binary_resnet": "HTTP+binary, ResNet-18",
 }
+EXTRA = {"tb_array": "of which Tensor::fromArray",
+         "tb_jpeg": "of which transport (round trip - server-measured queue + compute)"}
 TITLES = {"S1": "S1 fixed overhead: 16-byte tensor, no-op model",
           "S2": "S2 large tensor: 602,112 B in (PHP string), 4 KB out",
-          "S3": "S3 from a PHP float array of 150,528 floats"}
+          "S3": "S3 from a PHP float array of 150,528 floats",
+          "S4": "S4 the seed's scenario: 1024x768 JPEG -> ResNet-18 top-5"}
 
 
 def _med(values: list[float]) -> float:
@@ -39,10 +47,10 @@ def latency_table(reps: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {LABELS.get(v, v)} | {_fmt(_med(p50s))} | "
                      f"{_fmt(_med([r[v]['p99'] for r in reps]))} | "
                      f"{', '.join(_fmt(x) for x in p50s)} | {sum(r[v]['n'] for r in reps)} |")
-        if "pack" in reps[0][v]:
-            lines.append(f"| ↳ of which Tensor::fromArray | "
-                         f"{_fmt(_med([r[v]['pack']['p50'] for r in reps]))} | "
-                         f"{_fmt(_med([r[v]['pack']['p99'] for r in reps]))} | | |")
+        if "extra" in reps[0][v]:
+            lines.append(f"| ↳ {EXTRA.get(v, 'extra')} | "
+                         f"{_fmt(_med([r[v]['extra']['p50'] for r in reps]))} | "
+                         f"{_fmt(_med([r[v]['extra']['p99'] for r in reps]))} | | |")
     return lines
 
 
@@ -62,11 +70,11 @@ def render(res: dict[str, Any]) -> str:
         else:
             out.append(f"| {g['goal']} | {g['ratio']:.3g} | {g['target']:g} | "
                        f"{'met' if g['met'] else 'missed'} ({g['detail']}) |")
-    for key in ("S1", "S2", "S3"):
+    for key in ("S1", "S2", "S3", "S4"):
         out += ["", f"## {TITLES[key]}", ""] + latency_table(res[key])
-    out += ["", "## S4 the seed's scenario (JPEG -> ResNet-18 top-5)", "",
-            "Pending: needs the ResNet-18 model and the image path of the models issue.", "",
-            "## S5 throughput: concurrent PHP CLI processes, no-op model", "",
+    out += ["", "ResNet-18 is built in `bench/vision.py` with fixed random weights (no weights "
+            "can be downloaded here); its compute time does not depend on them.", "",
+            "## S5 throughput: concurrent PHP CLI processes", "",
             "![throughput](img/throughput.png)", "",
             "| processes | transport | req/s | p50 | p99 | server CPU / req | PHP CPU / req |",
             "|---:|---|---:|---:|---:|---:|---:|"]
@@ -96,13 +104,15 @@ def render(res: dict[str, Any]) -> str:
 
 def plots(res: dict[str, Any], img: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     img.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, key in zip(axes, ("S1", "S2", "S3"), strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(14, 8))
+    axes = axes.ravel()
+    for ax, key in zip(axes, ("S1", "S2", "S3", "S4"), strict=True):
         reps = res[key]
         names = list(reps[0])
         p50 = [_med([r[v]["p50"] for r in reps]) for v in names]
@@ -113,6 +123,7 @@ def plots(res: dict[str, Any], img: Path) -> None:
                 label="p50")
         ax.set_yticks(list(y), [LABELS.get(v, v) for v in names], fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("µs per call (log)")
         ax.set_title(TITLES[key], fontsize=8)
         ax.invert_yaxis()
@@ -123,6 +134,7 @@ def plots(res: dict[str, Any], img: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_yscale("log")
     for mode in sorted({r["mode"] for r in res["S5"]}):
         levels = sorted({r["processes"] for r in res["S5"] if r["mode"] == mode})
         ax.plot(levels, [_med([r["req_s"] for r in res["S5"]
@@ -130,7 +142,7 @@ def plots(res: dict[str, Any], img: Path) -> None:
                 marker="o", label=LABELS.get(mode, mode))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent PHP processes")
-    ax.set_ylabel("requests / s (no-op model)")
+    ax.set_ylabel("requests / s (log)")
     ax.set_title(f"S5 throughput, {res['date']}", fontsize=10)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -178,6 +190,7 @@ def update_readme(res: dict[str, Any], readme: Path = ROOT / "README.md") -> Non
 
 def main(path: str, docs: Path = ROOT / "docs") -> None:
     res = json.loads(Path(path).read_text())
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / "benchmarks.md").write_text(render(res))
     plots(res, docs / "img")
     if docs == ROOT / "docs":

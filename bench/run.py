@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import vision
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PHP_CLIENT = BENCH / "php" / "client.php"
@@ -75,8 +77,11 @@ class Services:
     def _spawn(self, name: str, args: list[str], ready: str | None = None) -> subprocess.Popen:
         """Start a server with its output in <tmp>/<name>.log; wait for ``ready`` there."""
         logfile = self.tmp / f"{name}.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # for `vision` (S4's models)
+            filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))}
         with logfile.open("w") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    env=env)
         self.procs.append(proc)
         deadline = time.monotonic() + 120
         while ready and ready not in logfile.read_text():
@@ -87,11 +92,15 @@ class Services:
 
     def start(self) -> None:
         log("starting servers: tensorbridge, uvicorn (FastAPI), floor ...")
+        self.jpeg = str(self.tmp / "photo.jpg")
+        vision.make_jpeg(self.jpeg)
         self.tb = self._spawn("tensorbridge", [sys.executable, "-m", "tensorbridge", "serve", "--socket",
                                self.tb_socket, "--threads", str(self.threads), "--device",
                                self.device, "--log-level",
                                "info", "--model", "echo=tensorbridge.models.testing:echo",
-                               "--model", "head=tensorbridge.models.testing:head"], "ready on")
+                               "--model", "head=tensorbridge.models.testing:head",
+                               "--model", "resnet=vision:resnet18",
+                               "--model", "jpeg=vision:jpeg_resnet18"], "ready on")
         self.floor = self._spawn("floor", [sys.executable, str(BENCH / "floor_server.py"),
                                   self.floor_socket], "ready")
         with socket.socket() as s:
@@ -127,8 +136,8 @@ class Services:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def job(self, mode: str) -> dict[str, Any]:
-        job: dict[str, Any] = {"mode": mode, "url": self.url}
-        if mode.startswith("tb_"):
+        job: dict[str, Any] = {"mode": mode, "url": self.url, "jpeg": self.jpeg}
+        if mode.startswith("tb_") or mode == "seed_gd":
             job["socket"] = self.tb_socket
         if mode.startswith("floor_"):
             job["floor"] = self.floor_socket
@@ -144,8 +153,13 @@ def run_php(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def latency_scenario(svc: Services, name: str, variants: dict[str, int], repeats: int,
-                     blocks: int, warmup: int) -> list[dict[str, Any]]:
-    """Interleaved blocks per repeat; returns one {variant: summary} per repeat."""
+                     blocks: int, warmup: int,
+                     direct: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Interleaved blocks per repeat; returns one {variant: summary} per repeat.
+
+    ``direct`` maps variant names to Python functions (n -> samples) run in this process
+    instead of a PHP client, interleaved like the others."""
+    direct = direct or {}
     out = []
     names = list(variants)
     for rep in range(repeats):
@@ -154,17 +168,43 @@ def latency_scenario(svc: Services, name: str, variants: dict[str, int], repeats
         for b in range(blocks):
             order = names[b % len(names):] + names[:b % len(names)]
             for v in order:
+                if v in direct:
+                    samples[v] += direct[v](variants[v])
+                    continue
                 res = run_php({**svc.job(v), "n": variants[v], "warmup": warmup})
                 samples[v] += res["samples_us"]
-                extra[v] += res["pack_us"]
+                extra[v] += res["extra_us"]
         summary = {v: summarize(samples[v]) for v in names}
         for v in names:
             if extra[v]:
-                summary[v]["pack"] = summarize(extra[v])
+                summary[v]["extra"] = summarize(extra[v])
         out.append(summary)
         log(f"[{name} repeat {rep + 1}/{repeats}] " + ", ".join(
             f"{v} p50 {summary[v]['p50']:.0f} us" for v in names))
     return out
+
+
+class DirectJpeg:
+    """S4's reference: preprocessing + ResNet-18 called directly, no transport, same threads."""
+
+    def __init__(self, svc: Services) -> None:
+        import torch
+
+        torch.set_num_threads(svc.threads)
+        self.torch = torch
+        self.model = vision.jpeg_resnet18()
+        self.jpeg = Path(svc.jpeg).read_bytes()
+        for _ in range(3):
+            self(1)
+
+    def __call__(self, n: int) -> list[float]:
+        out = []
+        with self.torch.inference_mode():
+            for _ in range(n):
+                t = time.perf_counter()
+                self.model([self.jpeg])
+                out.append((time.perf_counter() - t) * 1e6)
+        return out
 
 
 def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
@@ -333,14 +373,20 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratios = []
     for rep in {row["repeat"] for row in s5}:
         at16 = {row["mode"]: row["req_s"] for row in s5
-                if row["repeat"] == rep and row["processes"] == 16}
+                if row["repeat"] == rep and row["processes"] == 16
+                and row["mode"] in ("tb_tiny", "http_json_tiny")}
         if "tb_tiny" in at16 and "http_json_tiny" in at16:
             ratios.append(at16["tb_tiny"] / at16["http_json_tiny"])
     if ratios:
         goal("S5 no-op model at 16 processes >= 5x the req/s of HTTP (uvicorn)", ratios, 5.0,
              True, "TensorBridge req/s / HTTP+JSON req/s")
-    out.append({"goal": "S4 <= 0.3 ms overhead, >= 2.5x faster than the seed's GD path",
-                "met": None, "detail": "pending: needs ResNet-18 and the JPEG path (models issue)"})
+    s4 = results["S4"]
+    goal("S4 overhead beyond preprocessing + model <= 0.3 ms",
+         [r["tb_jpeg"]["extra"]["p50"] / 1000 for r in s4], 0.3, False,
+         "TensorBridge round trip - server-measured queue + preprocessing + model, in ms")
+    goal("S4 >= 2.5x faster than the seed's GD path",
+         [r["seed_gd"]["p50"] / r["tb_jpeg"]["p50"] for r in s4], 2.5, True,
+         "PHP GD preprocessing + pack + TensorBridge p50 / JPEG through TensorBridge p50")
     return out
 
 
@@ -401,9 +447,14 @@ def main() -> int:
             "floor_shm_large": n(300, 5)}, repeats, n(3, 1), n(20, 2))
         results["S3"] = latency_scenario(svc, "S3", {"tb_array": n(60, 3), "pack_only": n(60, 3)},
                                          repeats, n(3, 1), n(5, 1))
-        log("[S4] pending: ResNet-18 and the JPEG path arrive with the models issue")
+        results["S4"] = latency_scenario(svc, "S4", {
+            "tb_jpeg": n(10, 1), "http_jpeg": n(10, 1), "seed_gd": n(10, 1),
+            "direct_jpeg": n(10, 1)}, repeats, n(3, 1), n(2, 1),
+            direct={"direct_jpeg": DirectJpeg(svc)})
         results["S5"] = throughput(svc, [1, 4, 16, 64] if not quick else [1, 4],
                                    ["tb_tiny", "http_json_tiny"], repeats, n(3.0, 0.3))
+        results["S5"] += throughput(svc, [1, 4, 16] if not quick else [1],
+                                    ["tb_resnet", "http_binary_resnet"], repeats, n(5.0, 0.5))
         results["S6"] = web_stack(svc, repeats, n(5, 1))
     finally:
         svc.stop()

@@ -19,7 +19,25 @@ $large = 602112;                       // 1 x 3 x 224 x 224 float32
 $floats = array_map(fn (int $i): float => ($i % 255) / 255.0, range(0, $large / 4 - 1));
 $bytes = pack('g*', ...$floats);
 $tiny = pack('g*', 1.0, 2.0, 3.0, 4.0);
-$packUs = [];
+$extraUs = [];
+$jpeg = isset($job['jpeg']) ? file_get_contents($job['jpeg']) : '';
+
+/** The seed article's PHP preprocessing: GD resize, imagecolorat per pixel, mean/std, CHW. */
+function seedPreprocess(string $jpeg): string
+{
+    $img = imagecreatefromstring($jpeg);
+    $small = imagescale($img, 224, 224);
+    $r = $g = $b = [];
+    for ($y = 0; $y < 224; $y++) {
+        for ($x = 0; $x < 224; $x++) {
+            $c = imagecolorat($small, $x, $y);
+            $r[] = ((($c >> 16) & 0xFF) / 255 - 0.485) / 0.229;
+            $g[] = ((($c >> 8) & 0xFF) / 255 - 0.456) / 0.224;
+            $b[] = (($c & 0xFF) / 255 - 0.406) / 0.225;
+        }
+    }
+    return pack('g*', ...$r, ...$g, ...$b);
+}
 
 function curlPost($ch, string $url, string $body, array $headers): string
 {
@@ -93,20 +111,33 @@ $call = match ($mode) {
     'http_orjson_large' => fn () => json_decode(curlPost($ch, "$url/orjson/head", kserveJson($floats, [1, 3, 224, 224]), $ctype), true),
     'floor_shm_large' => fn () => floorTrip($floor, $bytes),
     // S3: from a PHP float array (conversion timed on its own as well)
-    'tb_array' => function () use ($client, $floats, &$packUs) {
+    'tb_array' => function () use ($client, $floats, &$extraUs) {
         $t = hrtime(true);
         $tensor = Tensor::fromArray($floats, 'float32')->reshape([1, 3, 224, 224]);
-        $packUs[] = (hrtime(true) - $t) / 1e3;
+        $extraUs[] = (hrtime(true) - $t) / 1e3;
         return $client->infer('head', ['input' => $tensor])['output']->toArray();
     },
     'pack_only' => fn () => pack('g*', ...$floats),
+    // S4: the seed's scenario, a 1024x768 JPEG -> ResNet-18 top-5
+    'seed_gd' => fn () => $client->infer('resnet', ['input' => Tensor::fromBytes(seedPreprocess($jpeg), 'float32', [1, 3, 224, 224])])['index']->toArray(),
+    'tb_jpeg' => function () use ($client, $jpeg, &$extraUs) {
+        $t = hrtime(true);
+        $out = $client->infer('jpeg', ['image' => Tensor::fromArray([$jpeg], 'bytes')])['index']->toArray();
+        $timing = $client->lastTiming();   // overhead = round trip - queue - preprocessing + model
+        $extraUs[] = (hrtime(true) - $t) / 1e3 - $timing['queue_us'] - $timing['compute_us'];
+        return $out;
+    },
+    'http_jpeg' => fn () => json_decode(curlPost($ch, "$url/jpeg/resnet", $jpeg, ['Content-Type: image/jpeg']), true),
+    // S5 with ResNet-18: the 602,112-byte tensor from a PHP string
+    'tb_resnet' => fn () => $client->infer('resnet', ['input' => Tensor::fromBytes($bytes, 'float32', [1, 3, 224, 224])])['prob']->toArray(),
+    'http_binary_resnet' => fn () => curlPost($ch, "$url/binary/resnet", $bytes, ['Content-Type: application/octet-stream', 'X-Shape: 1,3,224,224']),
     default => throw new InvalidArgumentException("unknown mode $mode"),
 };
 
 for ($i = 0; $i < ($job['warmup'] ?? 10); $i++) {
     $call();
 }
-$packUs = [];
+$extraUs = [];
 if (!empty($job['start'])) {
     while (!file_exists($job['start'])) {
         usleep(1000);
@@ -126,4 +157,4 @@ $wall = (hrtime(true) - $t0) / 1e3;
 $r1 = getrusage();
 $cpu = ($r1['ru_utime.tv_sec'] - $r0['ru_utime.tv_sec'] + $r1['ru_stime.tv_sec'] - $r0['ru_stime.tv_sec']) * 1e6
     + ($r1['ru_utime.tv_usec'] - $r0['ru_utime.tv_usec'] + $r1['ru_stime.tv_usec'] - $r0['ru_stime.tv_usec']);
-echo json_encode(['samples_us' => $samples, 'pack_us' => $packUs, 'wall_us' => $wall, 'cpu_us' => $cpu]), "\n";
+echo json_encode(['samples_us' => $samples, 'extra_us' => $extraUs, 'wall_us' => $wall, 'cpu_us' => $cpu]), "\n";

@@ -45,6 +45,8 @@ final class Client
     private int $nextId;
     /** @var array<int, array{0: int, 1: int}> request id => region byte range [start, end) of requests we gave up on */
     private array $abandoned = [];
+    /** @var array{queue_us: int, compute_us: int}|null */
+    private ?array $lastTiming = null;
     /** @var array<string, array<string, mixed>>|null model metadata by name */
     private ?array $modelIndex = null;
 
@@ -185,6 +187,18 @@ final class Client
             array_push($results, ...$this->runPipeline($model, $batch, $deadline, false));
             return $results;
         });
+    }
+
+    /**
+     * Where the server spent the last successful inference: microseconds waiting for the model
+     * (queue_us) and computing, outputs included (compute_us). The rest of the round trip is
+     * transport and PHP. Null before the first inference.
+     *
+     * @return array{queue_us: int, compute_us: int}|null
+     */
+    public function lastTiming(): ?array
+    {
+        return $this->lastTiming;
     }
 
     /**
@@ -508,6 +522,7 @@ final class Client
                 if (!$reply instanceof InferResponse) {
                     throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
                 }
+                $this->lastTiming = ['queue_us' => $reply->queueUs, 'compute_us' => $reply->computeUs];
                 $results[] = $this->readOutputs($reply, $outOffset, $capacity);
             } catch (TensorBridgeException $e) {
                 $serverError = $e->getErrorCode() !== null && $conn->isOpen();

@@ -30,6 +30,7 @@ def test_every_dtype_round_trips(server, vec) -> None:
          "inputs": {"x": {"dtype": vec["dtype"], "shape": vec["shape"], "hex": vec["hex"]}}},
     ]
     for result in php({"socket": server.socket, "calls": calls}):
+        assert set(result["timing"]) == {"queue_us", "compute_us"}
         out = result["outputs"]["x"]
         assert out["hex"] == vec["hex"] and out["shape"] == vec["shape"]
         assert out["dtype"] == vec["dtype"]
@@ -210,3 +211,10 @@ def test_garbage_from_another_client_does_not_disturb_php(server) -> None:
     s.close()
     (r,) = php({"socket": server.socket, "calls": [{"op": "ping"}]})
     assert r["pong"]["protocol"] == 1
+
+
+def test_last_timing_reports_server_compute_time(server) -> None:
+    (r,) = php({"socket": server.socket, "calls": [
+        {"op": "infer", "model": "sleep", "inputs": {"ms": {"dtype": "FP32", "values": [30.0]}}}]})
+    assert r["timing"]["compute_us"] >= 30_000  # the model slept 30 ms
+    assert r["timing"]["queue_us"] >= 0

@@ -135,8 +135,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if config.warmup > 0:
         example = _example_inputs(signature)
         if example is None:
-            log.info("no warm-up for %r: its input shapes are not fully declared",
-                     config.name)
+            log.info("no warm-up for %r: it needs declared FP/INT input shapes (BYTES inputs "
+                     "and open signatures cannot be made up)", config.name)
         else:
             t1 = time.monotonic()
             for i in range(config.warmup):
@@ -203,14 +203,10 @@ def _example_inputs(signature: Signature) -> dict[str, Any] | None:
         return None
     example = {}
     for spec in signature.inputs:
-        if spec.shape is None or spec.datatype == ANY:
+        if spec.shape is None or spec.datatype in (ANY, "BYTES"):
             return None
         shape = [1 if d == -1 else d for d in spec.shape]
-        dtype = BY_NAME[spec.datatype]
-        if dtype.torch is None:
-            example[spec.name] = [b""] * max(1, int(torch.Size(shape).numel()))
-        else:
-            example[spec.name] = torch.zeros(shape, dtype=dtype.torch)
+        example[spec.name] = torch.zeros(shape, dtype=BY_NAME[spec.datatype].torch)
     return example
 
 

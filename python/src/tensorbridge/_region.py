@@ -6,11 +6,15 @@ import fcntl
 import mmap
 import os
 
+import numpy as np
 import torch
 
 from ._spec import PAGE
 
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_NUMPY = {torch.bool: np.bool_, torch.uint8: np.uint8, torch.int8: np.int8,
+          torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64,
+          torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
 class Region:
@@ -39,7 +43,11 @@ class Region:
         """A tensor sharing the region's memory (no copy). Bounds are checked by the caller."""
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=offset).view(shape)
+        np_dtype = _NUMPY.get(dtype)
+        if np_dtype is None:  # bfloat16 has no numpy twin
+            return torch.frombuffer(self.mm, dtype=dtype, count=count, offset=offset).view(shape)
+        # numpy's view + from_numpy is ~1.5 µs cheaper than torch.frombuffer per tensor.
+        return torch.from_numpy(np.frombuffer(self.mm, np_dtype, count, offset).reshape(shape))
 
     def read(self, offset: int, nbytes: int) -> bytes:
         """A copy of a byte range (for BYTES tensors and checksums)."""

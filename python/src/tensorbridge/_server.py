@@ -81,6 +81,7 @@ log = logging.getLogger("tensorbridge")
 _PEERCRED = struct.Struct("3i")
 _SEND_TIMEOUT = struct.pack("ll", 5, 0)  # a client that stops reading for 5 s is dropped
 _READ_CHUNK = 1 << 20
+_SMALL = 1 << 16  # outputs up to this size are written with one bytes copy
 
 
 def _align(n: int) -> int:
@@ -598,6 +599,8 @@ class _Connection:
         for name, dtype, value, nbytes, data in prepared:
             offset = _align(cursor)
             if self.region is not None and out_capacity and offset + nbytes <= end:
+                if data is None and nbytes <= _SMALL and dtype.name != "BF16":
+                    data = value.numpy().tobytes()  # cheaper than a tensor copy when small
                 if data is not None:
                     self.region.write(offset, data)
                 elif nbytes:

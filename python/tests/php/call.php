@@ -53,7 +53,7 @@ foreach ($cmd['calls'] as $call) {
                 break;
             case 'infer':
                 $out = $client->infer($call['model'], array_map('tensorIn', $call['inputs']));
-                $r = ['outputs' => array_map('tensorOut', $out)];
+                $r = ['outputs' => array_map('tensorOut', $out), 'timing' => $client->lastTiming()];
                 break;
             case 'infer_many':
                 $lists = array_map(fn ($in) => array_map('tensorIn', $in), $call['inputs']);
