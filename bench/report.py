@@ -172,6 +172,15 @@ def headline(res: dict[str, Any]) -> str:
              "| PHP -> model round trip | TensorBridge | TensorBridge, client spin 50 µs | HTTP+binary "
              "| HTTP+JSON | raw floor |", "|---|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    s5 = res["S5"]
+
+    def rate(mode: str, level: int) -> float:
+        return _med([r["req_s"] for r in s5 if r["mode"] == mode and r["processes"] == level])
+
+    if any(r["processes"] == 16 for r in s5):
+        lines += ["", f"With 16 PHP processes calling a no-op model at once: TensorBridge "
+                  f"{rate('tb_tiny', 16):.0f} req/s, HTTP+JSON on uvicorn "
+                  f"{rate('http_json_tiny', 16):.0f} req/s."]
     lines += ["", "![latency by scenario](docs/img/latency.png)", "",
               "Throughput, web-stack numbers, goals met and missed: "
               "[docs/benchmarks.md](docs/benchmarks.md)."]
