@@ -78,7 +78,8 @@ final class TensorCodec
                     self::MAX_DIMS,
                 ));
             }
-            $flat = $n === 0 ? [] : array_merge(...$rows);
+            // One row (a 1-D list, or the last level of [[...]]): use it as is, no copy.
+            $flat = $n === 0 ? [] : (count($rows) === 1 ? $rows[0] : array_merge(...$rows));
             if ($n === 0 || !is_array($flat[0])) {
                 return [$shape, $flat];
             }
