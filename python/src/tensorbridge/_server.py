@@ -305,8 +305,9 @@ def _clear_stale_socket(path: str) -> None:
 class _Connection:
     """One client: its socket, its private region and its unparsed bytes.
 
-    Everything here runs in the I/O thread, except ``_compute`` (a model worker) while the
-    connection is paused (``busy``).
+    Everything here runs in the leading I/O thread, except ``_compute`` and ``finished``,
+    which run in whichever thread computes the request while the connection is paused
+    (``busy``).
     """
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
