@@ -4,6 +4,9 @@
 PYTHON ?= python3
 SOCKET ?= /tmp/tensorbridge-demo.sock
 export PYTHONDONTWRITEBYTECODE = 1
+# Tests, demo and benchmarks run this checkout's code even where another copy of the
+# package is installed (the editable install is only for the dependencies and the command).
+export PYTHONPATH := $(CURDIR)/python/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup demo test test-python test-php lint bench bench-quick vectors clean
 
