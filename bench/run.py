@@ -216,7 +216,9 @@ def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
             for mode in (modes if rep % 2 == 0 else modes[::-1]):
                 start = svc.tmp / f"start-{rep}-{level}-{mode}"
                 server = svc.tb if mode.startswith("tb_") else svc.http
-                job = {**svc.job(mode), "warmup": 20, "duration": duration, "start": str(start)}
+                warmup = 3 if "resnet" in mode else 20
+                job = {**svc.job(mode), "warmup": warmup, "duration": duration,
+                       "start": str(start)}
                 procs = [subprocess.Popen(["php", str(PHP_CLIENT)], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, text=True)
                          for _ in range(level)]
@@ -224,7 +226,12 @@ def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
                     p.stdin.write(json.dumps(job))  # type: ignore[union-attr]
                     p.stdin.close()  # type: ignore[union-attr]
                     p.stdin = None  # communicate() must not flush it again
-                time.sleep(1.0 + 0.02 * level)  # let every process finish its warm-up
+                # Start the clock only when every process has finished its warm-up.
+                deadline = time.monotonic() + 600
+                while len(list(svc.tmp.glob(start.name + ".ready.*"))) < level:
+                    if time.monotonic() > deadline or any(p.poll() for p in procs):
+                        raise RuntimeError(f"S5 {mode} x{level}: clients did not get ready")
+                    time.sleep(0.01)
                 cpu0 = svc.cpu_seconds(server)
                 start.touch()
                 results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]

@@ -139,6 +139,7 @@ for ($i = 0; $i < ($job['warmup'] ?? 10); $i++) {
 }
 $extraUs = [];
 if (!empty($job['start'])) {
+    touch($job['start'] . '.ready.' . getmypid());   // warm-up done: the harness counts these
     while (!file_exists($job['start'])) {
         usleep(1000);
     }
