@@ -26,6 +26,7 @@ LABELS = {
 }
 EXTRA = {"tb_array": "of which Tensor::fromArray",
          "tb_jpeg": "of which transport (round trip - server-measured queue + compute)"}
+S5_LABELS = {"tb_tiny": "TensorBridge, no-op model", "http_json_tiny": "HTTP+JSON, no-op model"}
 TITLES = {"S1": "S1 fixed overhead: 16-byte tensor, no-op model",
           "S2": "S2 large tensor: 602,112 B in (PHP string), 4 KB out",
           "S3": "S3 from a PHP float array of 150,528 floats",
@@ -81,7 +82,8 @@ def render(res: dict[str, Any]) -> str:
     keys = sorted({(r["processes"], r["mode"]) for r in res["S5"]})
     for level, mode in keys:
         rows = [r for r in res["S5"] if r["processes"] == level and r["mode"] == mode]
-        out.append(f"| {level} | {LABELS.get(mode, mode)} | {_med([r['req_s'] for r in rows]):.0f} | "
+        label = S5_LABELS.get(mode, LABELS.get(mode, mode))
+        out.append(f"| {level} | {label} | {_med([r['req_s'] for r in rows]):.0f} | "
                    f"{_fmt(_med([r['p50'] for r in rows]))} | {_fmt(_med([r['p99'] for r in rows]))} | "
                    f"{_fmt(_med([r['server_cpu_us_per_req'] for r in rows]))} | "
                    f"{_fmt(_med([r['client_cpu_us_per_req'] for r in rows]))} |")
@@ -122,9 +124,12 @@ def plots(res: dict[str, Any], img: Path) -> None:
         ax.barh(y, p50, color=["#d9480f" if v.startswith("tb") else "#4c6ef5" for v in names],
                 label="p50")
         ax.set_yticks(list(y), [LABELS.get(v, v) for v in names], fontsize=8)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("µs per call (log)")
+        if max(p99) / min(p50) > 20:  # spans decades: log scale, labelled decades only
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("µs per call (log scale)")
+        else:
+            ax.set_xlabel("µs per call")
         ax.set_title(TITLES[key], fontsize=8)
         ax.invert_yaxis()
     axes[0].legend(fontsize=8)
@@ -139,7 +144,7 @@ def plots(res: dict[str, Any], img: Path) -> None:
         levels = sorted({r["processes"] for r in res["S5"] if r["mode"] == mode})
         ax.plot(levels, [_med([r["req_s"] for r in res["S5"]
                                if r["mode"] == mode and r["processes"] == lv]) for lv in levels],
-                marker="o", label=LABELS.get(mode, mode))
+                marker="o", label=S5_LABELS.get(mode, LABELS.get(mode, mode)))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent PHP processes")
     ax.set_ylabel("requests / s (log)")
