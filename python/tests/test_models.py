@@ -111,6 +111,13 @@ def test_bad_sources_give_clear_errors(tmp_path: Path) -> None:
         tb.ModelConfig.from_cli("just-a-path.pt")
 
 
+def test_unavailable_device_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        tb.load_model(tb.ModelConfig("m", "tensorbridge.models.testing:echo", device="cuda"))
+
+
 def test_signature_checks() -> None:
     sig = tb.Signature.parse([{"name": "x", "datatype": "FP32", "shape": [-1, 3]}], None)
     from tensorbridge._spec import BY_NAME

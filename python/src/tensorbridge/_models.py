@@ -119,6 +119,10 @@ def _is_bytes_list(value: Any) -> bool:
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load, ``eval()``, work out the signature and warm up one model, logging progress."""
     t0 = time.monotonic()
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model {config.name!r} asks for device {config.device!r}, but CUDA is "
+                         f"not available here (torch {torch.__version__}); use --device cpu")
     log.info("loading model %r from %s%s", config.name, config.source,
              f" with weights {config.weights}" if config.weights else "")
     module, declared = _load_module(config)
