@@ -49,9 +49,9 @@ class ServerConfig:
     socket_mode: int = 0o660
     #: Requests slower than this are logged at WARNING, in milliseconds (0 = off).
     slow_ms: float = 50.0
-    #: Threads that take turns doing I/O and running requests for idle models inline; at
-    #: most this many requests (to different models) compute at once outside the models'
-    #: own worker threads.
+    #: Threads that wait on the sockets and compute requests for idle models at once; one of
+    #: them always stays free for I/O, so up to io_threads - 1 such requests (to different
+    #: models) run at the same time, besides the models' own queue workers.
     io_threads: int = 4
 
     @classmethod

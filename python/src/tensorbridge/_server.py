@@ -1,17 +1,18 @@
-"""The model server: a leader/follower pool of I/O threads over epoll, and per-model queues.
+"""The model server: a pool of threads all waiting on one epoll, and per-model queues.
 
-One pool thread at a time (the leader) waits on all sockets, parses frames and answers the
-cheap ones (PING, MODELS, ATTACH) itself. An INFER is validated there; if its model is idle
-the leader hands the I/O role to the next pool thread and computes the request itself (no
-hand-off: the latency of a thread per connection); if the model is busy the request waits
-in the model's queue for its workers (``_scheduler``). Either way the outputs go into the
-connection's region and the reply is sent by the thread that computed it. A connection is
-paused while one of its requests is with a model, so that replies go out in request order
-(spec §5.2).
+Connections are registered one-shot, so each event reaches exactly one pool thread, which
+then owns that connection: it parses the frames and answers the cheap ones (PING, MODELS,
+ATTACH). An INFER is validated there; if its model is idle the same thread computes it at
+once (no hand-off, no extra wake-up: the latency of a thread per connection), while the
+other pool threads keep serving everyone else; if the model is busy the request waits in the
+model's bounded queue for its workers (``_scheduler``). Either way the outputs go into the
+connection's region and the computing thread sends the reply. A connection is paused while
+one of its requests is queued, so that replies go out in request order (spec §5.2).
 
-Why not a thread per connection: with 16+ PHP workers those threads fight over the GIL and
-throughput fell to half of uvicorn's (measured, see docs/benchmarks.md); an I/O thread that
-only queues (no inline run) scaled but cost one more wake-up per request.
+Measured alternatives (docs/benchmarks.md, bench/results/): a thread per connection fell to
+half of uvicorn's throughput at 16 PHP workers (GIL fights); one I/O thread handing every
+request to a worker, or a leader that passes the I/O role on before computing, cost an
+extra wake-up per request (~100 µs of server CPU at one client).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import selectors
+import select
 import socket
 import stat
 import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ _PEERCRED = struct.Struct("3i")
 _SEND_TIMEOUT = struct.pack("ll", 5, 0)  # a client that stops reading for 5 s is dropped
 _READ_CHUNK = 1 << 20
 _SMALL = 1 << 16  # outputs up to this size are written with one bytes copy
+_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 
 
 def _align(n: int) -> int:
@@ -97,18 +99,17 @@ class Server:
         self.connections: set[_Connection] = set()
         #: Connections accepted since start (shown by PING, used to check reuse).
         self.accepted = 0
+        self._lock = threading.Lock()  # guards connections, accepted, _computing, _handlers
         self._queues: dict[str, ModelQueue] = {}
         self._listener: socket.socket | None = None
-        self._selector: selectors.BaseSelector | None = None
+        self._epoll: select.epoll | None = None
+        self._handlers: dict[int, Callable[[], None]] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._resumed: deque[_Connection] = deque()
         self._pool: list[threading.Thread] = []
-        self._io_lock = threading.Lock()  # held by the leader, the one thread doing I/O
-        self._inline: tuple[ModelQueue, Job] | None = None  # a job the leader will run
-        self._computing = 0  # pool threads running a job inline (guarded by _count_lock)
-        self._count_lock = threading.Lock()
+        self._computing = 0  # pool threads running a request inline
         self._stopped = threading.Event()
 
     def load_models(self) -> None:
@@ -121,7 +122,7 @@ class Server:
             self.models[model.name] = model
 
     def start(self) -> None:
-        """Bind the socket and start serving in a background thread."""
+        """Bind the socket and start serving in background threads."""
         path = self.config.socket
         _clear_stale_socket(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -132,10 +133,12 @@ class Server:
         listener.setblocking(False)
         self._listener = listener
         self._queues = {name: ModelQueue(m) for name, m in self.models.items()}
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(listener, selectors.EVENT_READ, self._accept)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        self._pool = [threading.Thread(target=self._lead_or_compute, name=f"tb-io-{i}",
+        self._epoll = select.epoll()
+        self._handlers[listener.fileno()] = self._accept
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._handlers[self._wake_r.fileno()] = self._on_wake
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._pool = [threading.Thread(target=self._serve_events, name=f"tb-io-{i}",
                                        daemon=True) for i in range(self.config.io_threads)]
         for t in self._pool:
             t.start()
@@ -152,7 +155,7 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._wake()
+        self._wake()  # never drained once stopped: every pool thread sees it and leaves
         for t in self._pool:
             t.join(timeout=10)
         for queue in self._queues.values():
@@ -165,8 +168,8 @@ class Server:
                 os.unlink(self.config.socket)
             except FileNotFoundError:
                 pass
-        if self._selector is not None:
-            self._selector.close()
+        if self._epoll is not None:
+            self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -181,50 +184,46 @@ class Server:
         """MODELS_OK body (spec §4.1)."""
         return json.dumps({"models": [m.metadata() for m in self.models.values()]}).encode()
 
-    # -- the I/O thread ------------------------------------------------------------------
+    # -- the pool threads ----------------------------------------------------------------
 
-    def _lead_or_compute(self) -> None:
-        """A pool thread: be the leader (I/O) until a request can run inline, then run it
-        while the next thread leads."""
-        while not self._stopped.is_set():
-            with self._io_lock:
-                if self._stopped.is_set():
-                    self._wake()  # pass the news on to the next thread in line
-                    return
-                inline = self._poll()
-            if inline is not None:
-                queue, job = inline
-                try:
-                    queue.run_claimed(job)
-                finally:
-                    with self._count_lock:
-                        self._computing -= 1
+    def _serve_events(self) -> None:
+        """A pool thread: wait on the shared epoll for one event and serve it, forever.
 
-    def _poll(self) -> tuple[ModelQueue, Job] | None:
-        """Wait for events and serve them; return a job to run inline, if any."""
-        assert self._selector is not None
+        Every pool thread waits at once; a connection is registered one-shot, so exactly one
+        thread gets its event and owns it until it re-arms it (``arm``)."""
+        assert self._epoll is not None
         while not self._stopped.is_set():
-            for key, _ in self._selector.select(self._select_timeout()):
-                key.data()
+            timeout = self._select_timeout()
+            try:
+                events = self._epoll.poll(-1 if timeout is None else timeout, 1)
+            except OSError:
+                return  # closed by stop()
+            for fd, _ in events:
+                handler = self._handlers.get(fd)
+                if handler is not None:
+                    handler()
             self._expire_queued()
-            if self._inline is not None:
-                inline, self._inline = self._inline, None
-                return inline
-        return None
 
     def dispatch(self, model: LoadedModel, job: Job) -> bool:
-        """Run ``job`` inline after this poll if its model is idle, else queue it.
+        """Run ``job`` now, in this thread, if its model is idle; else queue it.
 
         False when the model's queue is full (the caller answers OVERLOADED)."""
         queue = self._queues[model.name]
-        with self._count_lock:
-            # Someone must stay free to lead: never let the last pool thread go compute.
-            spare = self._inline is None and self._computing < len(self._pool) - 1
-            if spare and queue.try_claim():
+        with self._lock:
+            # Keep one thread waiting on epoll: never let the last one go compute.
+            spare = self._computing < len(self._pool) - 1
+            claimed = spare and queue.try_claim()
+            if claimed:
                 self._computing += 1
-                self._inline = (queue, job)
-                return True
-        return queue.submit(job)
+        if not claimed:
+            return queue.submit(job)
+        job.extra["inline"] = True
+        try:
+            queue.run_claimed(job)
+        finally:
+            with self._lock:
+                self._computing -= 1
+        return True
 
     def _select_timeout(self) -> float | None:
         deadlines = [d for q in self._queues.values() if (d := q.next_deadline()) is not None]
@@ -237,23 +236,26 @@ class Server:
                 job.expire(job)
 
     def _accept(self) -> None:
-        assert self._listener is not None and self._selector is not None
+        assert self._listener is not None and self._epoll is not None
         while True:
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if not self._stopped.is_set():
+                    log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(True)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEOUT)
             conn = _Connection(self, sock)
-            self.connections.add(conn)
-            self.accepted += 1
+            with self._lock:
+                self.connections.add(conn)
+                self.accepted += 1
+                self._handlers[conn.fd] = conn.on_readable
             log.debug("connection from pid %d (uid %d)", conn.peer_pid, conn.peer_uid)
             if conn.authorized():
-                self._selector.register(sock, selectors.EVENT_READ, conn.on_readable)
+                self._epoll.register(conn.fd, _ONESHOT_IN)
 
     def _wake(self) -> None:
         try:
@@ -262,25 +264,43 @@ class Server:
             pass  # a wake-up is already pending, or we are shutting down
 
     def _on_wake(self) -> None:
+        if self._stopped.is_set():
+            return  # leave the byte there: it wakes the other pool threads too
         try:
             while self._wake_r.recv(4096):
                 pass
         except BlockingIOError:
             pass
-        while self._resumed:
-            self._resumed.popleft().resume()
+        while True:
+            try:
+                conn = self._resumed.popleft()
+            except IndexError:
+                return
+            conn.resume()
 
     def resume(self, conn: _Connection) -> None:
-        """Hand a connection back to the I/O thread (called from a model worker)."""
+        """Have a pool thread serve the frames that arrived while ``conn`` was busy."""
         self._resumed.append(conn)
         self._wake()
 
-    def unwatch(self, conn: _Connection) -> None:
-        assert self._selector is not None
+    def arm(self, conn: _Connection) -> None:
+        """Let the next event of ``conn`` reach a pool thread (one-shot registration)."""
+        assert self._epoll is not None
         try:
-            self._selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
+            self._epoll.modify(conn.fd, _ONESHOT_IN)
+        except (OSError, ValueError):
+            pass  # closed meanwhile
+
+    def forget(self, conn: _Connection) -> None:
+        """Drop a closed connection from epoll and the books."""
+        with self._lock:
+            self.connections.discard(conn)
+            self._handlers.pop(conn.fd, None)
+        if self._epoll is not None:
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -305,22 +325,22 @@ def _clear_stale_socket(path: str) -> None:
 class _Connection:
     """One client: its socket, its private region and its unparsed bytes.
 
-    Everything here runs in the leading I/O thread, except ``_compute`` and ``finished``,
-    which run in whichever thread computes the request while the connection is paused
-    (``busy``).
+    At any time at most one thread works on a connection: the pool thread that got its
+    (one-shot) event or a resume (``owned``), or, while one of its requests waits for a busy
+    model, that model's worker (``busy``). Whoever finishes last re-arms the socket.
     """
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
+        self.fd = sock.fileno()
         self.region: Region | None = None
         self.use_crc = False
-        self.busy = False  # a request of ours is with a model worker
-        self.eof = False  # the peer closed while we were busy: close once the worker is done
+        self.busy = False  # a request of ours waits for, or runs on, a model worker
+        self.owned = False  # a pool thread is serving our frames
         self.closed = False
         self._buf = bytearray()
-        # Guards busy/_buf between the I/O thread and the worker finishing our request.
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards busy / owned between the two
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         self.peer_pid, self.peer_uid = pid, uid
@@ -345,54 +365,67 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
-        self.server.unwatch(self)
+        self.server.forget(self)
         if self.region is not None:
             self.region.close()
             self.region = None
         self.sock.close()
-        self.server.connections.discard(self)
         log.debug("connection of pid %d closed", self.peer_pid)
 
     def on_readable(self) -> None:
-        """The socket has data (or EOF): buffer it and serve the complete frames."""
+        """Our one-shot event fired (data or EOF): this thread now owns the connection."""
+        with self._lock:
+            self.owned = True
         try:
             data = self.sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return
+            data = None
         except OSError as exc:
             log.debug("connection of pid %d failed: %s", self.peer_pid, exc)
             self.close()
             return
-        with self._lock:
-            if not data and self.busy:
-                self.eof = True  # the worker still uses the region; it hands us back
-                self.server.unwatch(self)
-                return
-            self._buf += data
-            if self.busy:
-                return  # served when the worker hands the connection back
-        if not data:
+        if data == b"":
             self.close()
             return
-        self._serve_buffered()
-
-    def finished(self) -> None:
-        """Called by the model worker after replying: un-pause; wake the I/O thread only when
-        frames arrived meanwhile or the peer left (the common case needs no wake-up)."""
-        with self._lock:
-            self.busy = False
-            pending = self.eof or len(self._buf) >= HEADER_SIZE
-        if pending:
-            self.server.resume(self)
+        if data:
+            self._buf += data
+        self._serve_owned()
 
     def resume(self) -> None:
-        """In the I/O thread, after ``finished``: serve what arrived meanwhile, or close."""
-        if self.closed:
-            return
-        if self.eof:
-            self.close()
-            return
-        self._serve_buffered()
+        """A pool thread serves frames that arrived while a model worker had our request."""
+        if not self.closed:
+            self._serve_owned()
+
+    def finished(self) -> None:
+        """A queued request is answered (model worker or expiry): hand the connection back."""
+        with self._lock:
+            self.busy = False
+            if self.owned or self.closed:
+                return  # the owning thread sees busy == False and carries on
+            if len(self._buf) < HEADER_SIZE:
+                self.server.arm(self)
+                return
+            self.owned = True
+        self.server.resume(self)
+
+    def _serve_owned(self) -> None:
+        """Serve complete frames until none is left or a request is queued; then let go."""
+        while True:
+            self._serve_buffered()
+            with self._lock:
+                if self.closed:
+                    return
+                if self.busy:
+                    self.owned = False  # the model worker's finished() takes over
+                    return
+                if len(self._buf) >= HEADER_SIZE and self._complete():
+                    continue  # the worker finished while we were checking
+                self.owned = False
+                self.server.arm(self)
+                return
+
+    def _complete(self) -> bool:
+        return len(self._buf) >= HEADER_SIZE + int.from_bytes(self._buf[16:20], "little")
 
     def _serve_buffered(self) -> None:
         try:
@@ -498,7 +531,7 @@ class _Connection:
                   {"rid": rid, "out": (req.out_offset, req.out_capacity),
                    "timeout_us": req.timeout_us})
         with self._lock:
-            self.busy = True
+            self.busy = True  # before the queue sees it: a worker may finish at once
         if not self.server.dispatch(model, job):
             with self._lock:
                 self.busy = False
@@ -533,7 +566,11 @@ class _Connection:
             self._reply_error(rid, TensorBridgeError(f"internal server error: {exc!r}"))
         finally:
             job.inputs.clear()
-            self.finished()
+            if job.extra.get("inline"):
+                with self._lock:
+                    self.busy = False  # we ran in the owning thread, which carries on
+            else:
+                self.finished()
 
     def _expired(self, job: Job) -> None:
         """In the I/O thread: the job's deadline passed while it was queued."""
