@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._spec import BY_NAME, MAX_DIMS, DType, dtype_by_name
+from ._spec import MAX_DIMS, DType, dtype_by_name
 
 ANY = "ANY"
 
@@ -93,7 +93,3 @@ class Signature:
                 return problem
         return None
 
-
-def is_known_datatype(name: str) -> bool:
-    """True for a KServe datatype name or ``ANY``."""
-    return name == ANY or name in BY_NAME
