@@ -41,6 +41,21 @@ class ModelConfig:
     max_queue: int = 256
     #: ``cpu`` or ``cuda[:N]``.
     device: str = "cpu"
+    #: Dynamic batching: the most rows one forward may take (1 = batching off). Only models
+    #: whose inputs all have a dynamic first dim (-1) are ever batched.
+    max_batch_size: int = 1
+    #: How long the first request of a batch may wait for others, in microseconds.
+    max_queue_delay_us: int = 0
+    #: Batch sizes to prefer when more requests wait than fit (Triton's knob).
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    #: ``"delay"`` (Triton-style: max_batch_size / max_queue_delay_us / preferred sizes) or
+    #: ``"queue_depth"`` (above 50 queued take min(32, depth/2), at least 4; else 1).
+    batch_policy: str = "delay"
+    #: Copies of the model serving the queue at once (threads of this process).
+    instances: int = 1
+    #: A model call running longer than this marks its instance unhealthy and fails the
+    #: requests waiting for it (seconds; 0 = off).
+    watchdog_timeout: float = 0.0
     #: Extra keyword arguments for the factory.
     options: dict[str, Any] = field(default_factory=dict)
 
