@@ -53,6 +53,22 @@ class ServerConfig:
     #: them always stays free for I/O, so up to io_threads - 1 such requests (to different
     #: models) run at the same time, besides the models' own queue workers.
     io_threads: int = 4
+    #: Total bytes of shared memory all connections' regions may map together; a request that
+    #: would grow past it gets OVERLOADED / PAYLOAD_TOO_LARGE instead (TENSORBRIDGE_SHM_CAP_MB).
+    shm_cap: int = 4 << 30
+    #: Owner and group (names or numeric ids) given to the socket file; None = the server's.
+    socket_owner: str | None = None
+    socket_group: str | None = None
+    #: Only peers with one of these gids (primary group, SO_PEERCRED) may connect, besides
+    #: ``allow_uid``; both empty = anyone who can open the socket.
+    allow_gid: list[int] = field(default_factory=list)
+    #: On SIGTERM: stop accepting, let in-flight requests finish for up to this many seconds.
+    drain_timeout: float = 10.0
+    #: Serve Prometheus ``/metrics`` on this TCP port (0 = off) and host.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    #: ``text`` or ``json`` (one JSON object per line) log lines on stderr.
+    log_format: str = "text"
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ServerConfig:
