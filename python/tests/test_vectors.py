@@ -57,7 +57,8 @@ def _encode_body(typ: str, b: dict) -> bytes:
                                          b["out_capacity"], [_desc(t) for t in b["inputs"]],
                                          inline))
     return encode_infer_ok(InferReply(b["queue_us"], b["compute_us"],
-                                      [_desc(t) for t in b["outputs"]], inline))
+                                      [_desc(t) for t in b["outputs"]], inline,
+                                      b["preprocess_us"], b["batch_size"]))
 
 
 def _decode_body(typ: str, body: bytes) -> dict:
@@ -90,6 +91,7 @@ def _decode_body(typ: str, body: bytes) -> dict:
                 "inline_hex": bytes(r.inline).hex()}
     r2 = decode_infer_ok(body)
     return {"queue_us": r2.queue_us, "compute_us": r2.compute_us,
+            "preprocess_us": r2.preprocess_us, "batch_size": r2.batch_size,
             "outputs": [t(d) for d in r2.outputs], "inline_hex": bytes(r2.inline).hex()}
 
 

@@ -63,7 +63,8 @@ def body(typ: str, b: dict) -> bytes:
                             b["out_offset"], b["out_capacity"])
                 + model + b"".join(tensor(t) for t in b["inputs"]) + inline)
     if typ == "INFER_OK":
-        return (struct.pack("<HHII", len(b["outputs"]), 0, b["queue_us"], b["compute_us"])
+        return (struct.pack("<HHIII", len(b["outputs"]), b["batch_size"], b["queue_us"],
+                            b["compute_us"], b["preprocess_us"])
                 + b"".join(tensor(t) for t in b["outputs"]) + inline)
     raise ValueError(typ)
 
@@ -98,10 +99,10 @@ VALID = [
         "timeout_us": 1, "model": "m", "out_offset": 128, "out_capacity": 0,
         "inputs": [t("x", "INT8", [1, 2, 1, 2, 1, 2, 1, 2], 64, 16)], "inline_hex": ""}, False),
     ("infer_ok", "INFER_OK", 0x0102030405060708, {
-        "queue_us": 12, "compute_us": 345,
+        "queue_us": 12, "compute_us": 345, "preprocess_us": 6789, "batch_size": 8,
         "outputs": [t("logits", "FP32", [2, 10], 4096, 80)], "inline_hex": ""}, False),
     ("infer_ok_inline", "INFER_OK", 12, {
-        "queue_us": 0, "compute_us": 1,
+        "queue_us": 0, "compute_us": 1, "preprocess_us": 0, "batch_size": 1,
         "outputs": [t("y", "FP32", [2, 2], 0, 16, "inline", crc(FLOATS))],
         "inline_hex": FLOATS.hex()}, True),
     ("error_model_not_found", "ERROR", 5, {

@@ -34,7 +34,7 @@ _HEADER = struct.Struct("<IBBHQII")  # §3
 _ATTACH = struct.Struct("<IIQ")  # §5.1
 _ATTACH_OK = struct.Struct("<QQII")  # §5.1
 _INFER = struct.Struct("<IHBBQQ")  # §6.1
-_INFER_OK = struct.Struct("<HHII")  # §6.2
+_INFER_OK = struct.Struct("<HHIII")  # §6.2
 _TENSOR = struct.Struct("<BBBBHHQQII")  # §6.3
 _ERROR = struct.Struct("<HHI")  # §7
 _U64 = struct.Struct("<Q")
@@ -96,6 +96,9 @@ class InferReply:
     compute_us: int
     outputs: list[TensorDesc]
     inline: bytes | memoryview = field(default=b"")
+    preprocess_us: int = 0
+    #: Rows of the model call this request was part of (dynamic batching); 0 = not known.
+    batch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -297,19 +300,18 @@ def decode_infer(body: bytes | memoryview) -> InferRequest:
 
 def encode_infer_ok(reply: InferReply) -> bytes:
     """INFER_OK body (§6.2)."""
-    return (_INFER_OK.pack(len(reply.outputs), 0, min(reply.queue_us, 0xFFFFFFFF),
-                           min(reply.compute_us, 0xFFFFFFFF))
+    return (_INFER_OK.pack(len(reply.outputs), min(reply.batch_size, 0xFFFF),
+                           min(reply.queue_us, 0xFFFFFFFF), min(reply.compute_us, 0xFFFFFFFF),
+                           min(reply.preprocess_us, 0xFFFFFFFF))
             + b"".join(_encode_tensor(t) for t in reply.outputs) + bytes(reply.inline))
 
 
 def decode_infer_ok(body: bytes | memoryview) -> InferReply:
     """INFER_OK body (§6.2)."""
     r = _Reader(body)
-    n, reserved, queue_us, compute_us = r.unpack(_INFER_OK, "INFER_OK")
-    if reserved:
-        raise ProtocolError("non-zero reserved field in INFER_OK")
+    n, batch_size, queue_us, compute_us, preprocess_us = r.unpack(_INFER_OK, "INFER_OK")
     outputs, inline = _decode_tensors(r, n, "output")
-    return InferReply(queue_us, compute_us, outputs, inline)
+    return InferReply(queue_us, compute_us, outputs, inline, preprocess_us, batch_size)
 
 
 def encode_bytes_items(items: list[bytes]) -> bytes:
