@@ -16,6 +16,7 @@ from . import __version__
 from ._client import Client
 from ._config import ServerConfig, default_socket_path
 from ._errors import TensorBridgeError
+from ._logging import configure_logging
 from ._models import ModelConfig
 
 # Named exit codes (uvicorn style).
@@ -34,8 +35,42 @@ def _version_text() -> str:
             f"torch {torch.__version__}, {platform.system()} {platform.release()})")
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+# Settings of `serve` that map one to one onto ServerConfig ([server] keys of the TOML file):
+# (flag, TOML key, type, help). Each flag's environment twin is TENSORBRIDGE_<KEY upper-case>.
+# A flag given on the command line wins over its environment twin, which wins over the file.
+_SETTINGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--threads", "threads", int, "torch intra-op threads, 0 = torch default (default 0)"),
+    ("--io-threads", "io_threads", int,
+     "threads serving sockets; requests for idle models run on them (default 4, at least 2)"),
+    ("--region-cap-mb", "region_cap_mb", float,
+     "largest shared-memory region per connection in MiB (default 1024)"),
+    ("--shm-cap-mb", "shm_cap_mb", float,
+     "total shared memory of all regions in MiB; beyond it requests get OVERLOADED or "
+     "PAYLOAD_TOO_LARGE (default 4096)"),
+    ("--socket-owner", "socket_owner", str, "owner of the socket file, name or uid"),
+    ("--socket-group", "socket_group", str,
+     "group of the socket file, name or gid (e.g. www-data)"),
+    ("--socket-mode", "socket_mode", str, "mode of the socket file, octal (default 660)"),
+    ("--allow-uid", "allow_uid", int,
+     "only this uid may connect (SO_PEERCRED); repeatable; env: comma-separated"),
+    ("--allow-gid", "allow_gid", int,
+     "only peers of this primary gid may connect (SO_PEERCRED), besides --allow-uid; "
+     "repeatable; env: comma-separated"),
+    ("--drain-timeout", "drain_timeout", float,
+     "on SIGTERM, seconds in-flight requests may take to finish (default 10)"),
+    ("--slow-ms", "slow_ms", float,
+     "log requests slower than this many ms at WARNING, 0 = off (default 50)"),
+    ("--metrics-port", "metrics_port", int,
+     "serve Prometheus /metrics on this TCP port, 0 = off (default 0)"),
+    ("--metrics-host", "metrics_host", str,
+     "address for /metrics (default 127.0.0.1; 0.0.0.0 exposes it to the network)"),
+    ("--log-format", "log_format", str, "text, or json: one JSON object per line (default text)"),
+)
+_REPEATABLE = ("allow_uid", "allow_gid")
+
+
+def _env_name(key: str) -> str:
+    return "TENSORBRIDGE_" + key.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,21 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE[@WEIGHTS]",
                        help="a TorchScript file, or package.module:factory with optional "
                             "@weights (.pth or .safetensors); repeatable")
-    serve.add_argument("--threads", type=int, default=_env_int("TENSORBRIDGE_THREADS", 0),
-                       help="torch intra-op threads, 0 = torch default (env TENSORBRIDGE_THREADS)")
     serve.add_argument("--device", default=os.environ.get("TENSORBRIDGE_DEVICE", "cpu"),
                        help="device for models given with --model: cpu, cuda, cuda:1 "
                             "(env TENSORBRIDGE_DEVICE; default %(default)s)")
     serve.add_argument("--warmup", type=int, default=None,
                        help="warm-up runs per model given with --model (default 2)")
-    serve.add_argument("--region-cap-mb", type=float,
-                       default=float(os.environ.get("TENSORBRIDGE_REGION_CAP_MB", 1024)),
-                       help="largest shared-memory region per connection in MiB "
-                            "(env TENSORBRIDGE_REGION_CAP_MB; default %(default)s)")
-    serve.add_argument("--allow-uid", type=int, action="append", default=[],
-                       help="only this uid may connect (SO_PEERCRED); repeatable")
+    for flag, key, kind, text in _SETTINGS:
+        extra: dict = {"choices": ["text", "json"]} if key == "log_format" else {}
+        serve.add_argument(flag, dest=key, type=kind, default=None,
+                           action="append" if key in _REPEATABLE else "store",
+                           help=f"{text} (env {_env_name(key)})", **extra)
     serve.add_argument("--log-level", default=os.environ.get("TENSORBRIDGE_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"])
+                       choices=["debug", "info", "warning", "error"],
+                       help="(env TENSORBRIDGE_LOG_LEVEL; default %(default)s)")
 
     for name, text in (("models", "list the models a running server has loaded"),
                        ("health", "check that a server answers (exit 3 if not)")):
@@ -80,10 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s tensorbridge %(levelname)s %(message)s")
+def server_config(args: argparse.Namespace, environ: dict[str, str] | None = None
+                  ) -> ServerConfig:
+    """The ``serve`` settings: defaults < the TOML file < ``TENSORBRIDGE_*`` < flags."""
+    environ = dict(os.environ if environ is None else environ)
     config = ServerConfig.from_toml(args.config) if args.config else ServerConfig()
+    from_env = {key: environ[_env_name(key)] for _, key, _, _ in _SETTINGS
+                if environ.get(_env_name(key), "") != ""}
+    if "TENSORBRIDGE_SOCKET" in environ and not args.socket:
+        from_env["socket"] = environ["TENSORBRIDGE_SOCKET"]
+    try:
+        config.apply(from_env)
+    except ValueError as exc:
+        raise ValueError(f"environment: {exc} (TENSORBRIDGE_* variables)") from None
+    config.apply({key: getattr(args, key) for _, key, _, _ in _SETTINGS})
     if args.socket:
         config.socket = args.socket
     for text in args.model:
@@ -92,10 +135,13 @@ def _serve(args: argparse.Namespace) -> int:
             model.warmup = args.warmup
         model.device = args.device
         config.models.append(model)
-    if args.threads:
-        config.threads = args.threads
-    config.region_cap = int(args.region_cap_mb * (1 << 20))
-    config.allow_uid = args.allow_uid or config.allow_uid
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = server_config(args)
+    configure_logging(args.log_level, config.log_format)
+    log = logging.getLogger("tensorbridge")
     if not config.models:
         print("tensorbridge serve: no models; give --model NAME=SOURCE or --config FILE",
               file=sys.stderr)
@@ -103,13 +149,26 @@ def _serve(args: argparse.Namespace) -> int:
     from ._server import Server
 
     server = Server(config)
+    if config.metrics_port:
+        # Before loading, so that a busy port fails at once and load times show up live.
+        try:
+            server.metrics.start_http(config.metrics_host, config.metrics_port)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot serve /metrics on {config.metrics_host}:{config.metrics_port}: "
+                f"{exc.strerror or exc}; choose another --metrics-port") from None
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
     server.load_models()
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, lambda *_: server.stop())
     server.start()
-    print(f"tensorbridge {__version__} ready on {config.socket}", file=sys.stderr, flush=True)
+    ready = f"tensorbridge {__version__} ready on {config.socket}"
+    if config.log_format == "json":
+        log.info(ready, extra={"event": "ready", "socket": config.socket})
+    else:
+        print(ready, file=sys.stderr, flush=True)
     server.serve_forever()
-    logging.getLogger("tensorbridge").info("stopped")
+    log.info("stopped")
     return EXIT_OK
 
 

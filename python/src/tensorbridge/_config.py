@@ -70,27 +70,59 @@ class ServerConfig:
     #: ``text`` or ``json`` (one JSON object per line) log lines on stderr.
     log_format: str = "text"
 
+    def apply(self, settings: dict[str, Any]) -> None:
+        """Set fields from ``[server]``-style keys (``shm_cap_mb = 512``, ``socket_mode =
+        "660"``, ...); shared by the TOML file, the CLI flags and their environment twins."""
+        for key, value in settings.items():
+            if value is None:
+                continue
+            if key in _MB_KEYS:
+                setattr(self, _MB_KEYS[key], _megabytes(key, value))
+            elif key == "socket_mode":
+                self.socket_mode = parse_mode(value)
+            elif key in ("allow_uid", "allow_gid"):
+                setattr(self, key, _id_list(key, value))
+            elif key in ("socket_owner", "socket_group"):
+                setattr(self, key, str(value) if str(value) else None)
+            elif key == "log_format":
+                if value not in ("text", "json"):
+                    raise ValueError(f"log_format must be \"text\" or \"json\", not {value!r}")
+                self.log_format = value
+            elif key == "io_threads":
+                # One thread always stays free for I/O, so fewer than 2 would serve nothing.
+                self.io_threads = max(2, _number(key, value, int))
+            elif key == "metrics_port":
+                port = _number(key, value, int)
+                if not 0 <= port <= 65535:
+                    raise ValueError(f"metrics_port must be 0 (off) or a TCP port, not {port}")
+                self.metrics_port = port
+            elif key == "threads":
+                self.threads = _number(key, value, int)
+            elif key in ("slow_ms", "drain_timeout"):
+                number = _number(key, value, float)
+                if number < 0:
+                    raise ValueError(f"{key} must be >= 0, not {number}")
+                setattr(self, key, number)
+            elif key in ("socket", "metrics_host"):
+                setattr(self, key, str(value))
+            else:
+                raise ValueError(f"unknown setting {key!r}")
+
     @classmethod
     def from_toml(cls, path: str | Path) -> ServerConfig:
-        """Read a ``tensorbridge.toml`` (its keys are shown in the README)."""
+        """Read a ``tensorbridge.toml`` (its keys are shown in the README and
+        ``deploy/tensorbridge.toml``); a wrong key or value raises ``ValueError`` naming it."""
         raw = tomllib.loads(Path(path).read_text())
         server: dict[str, Any] = dict(raw.get("server", {}))
-        unknown = set(server) - {"socket", "threads", "region_initial_mb", "region_cap_mb",
-                                 "allow_uid", "socket_mode", "slow_ms", "io_threads"}
+        unknown = set(server) - _SERVER_KEYS
         if unknown:
-            raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}")
+            raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}; known keys: "
+                             f"{sorted(_SERVER_KEYS)}")
         config = cls()
-        if "socket" in server:
-            config.socket = str(server["socket"])
-        config.threads = int(server.get("threads", config.threads))
-        if "region_initial_mb" in server:
-            config.region_initial = int(float(server["region_initial_mb"]) * (1 << 20))
-        if "region_cap_mb" in server:
-            config.region_cap = int(float(server["region_cap_mb"]) * (1 << 20))
-        config.allow_uid = [int(u) for u in server.get("allow_uid", [])]
-        config.socket_mode = int(str(server.get("socket_mode", "660")), 8)
-        config.slow_ms = float(server.get("slow_ms", config.slow_ms))
-        config.io_threads = max(2, int(server.get("io_threads", config.io_threads)))
+        try:
+            config.apply(server)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: [server] {exc}") from None
         base = Path(path).parent
         for name, table in raw.get("models", {}).items():
             table = dict(table)
@@ -104,3 +136,53 @@ class ServerConfig:
             table.pop("name", None)
             config.models.append(ModelConfig(name=name, **table))
         return config
+
+
+# [server] keys of tensorbridge.toml; each has a CLI flag and a TENSORBRIDGE_* twin (_cli.py).
+_MB_KEYS = {"region_initial_mb": "region_initial", "region_cap_mb": "region_cap",
+            "shm_cap_mb": "shm_cap"}
+_SERVER_KEYS = frozenset({"socket", "threads", "allow_uid", "allow_gid", "socket_mode",
+                          "socket_owner", "socket_group", "slow_ms", "io_threads",
+                          "drain_timeout", "metrics_port", "metrics_host", "log_format",
+                          *_MB_KEYS})
+
+
+def parse_mode(value: Any) -> int:
+    """A file mode written the ``chmod`` way: ``"660"``, ``"0660"`` or ``0o660``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        # TOML 0o660 arrives as 432, a bare 660 as 660: read the latter's digits as octal.
+        mode = int(str(value), 8) if value > 0o777 and set(str(value)) <= set("01234567") \
+            else value
+    else:
+        try:
+            mode = int(str(value), 8)
+        except ValueError:
+            raise ValueError(f"socket_mode must be octal digits like \"660\", not {value!r}"
+                             ) from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"socket_mode {value!r} is not a permission mode (000..777)")
+    return mode
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, not {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, not {value!r}") from None
+
+
+def _megabytes(key: str, value: Any) -> int:
+    mb = _number(key, value, float)
+    if mb <= 0:
+        raise ValueError(f"{key} must be > 0 MiB, not {value!r}")
+    return int(mb * (1 << 20))
+
+
+def _id_list(key: str, value: Any) -> list[int]:
+    """uids/gids from a list (TOML), or a comma-separated string (environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{key} must be a list of numeric ids, not {value!r}")
+    return [_number(key, i, int) for i in items if str(i).strip()]

@@ -1,0 +1,175 @@
+"""Prometheus metrics of one server (``/metrics``), built on ``prometheus_client``.
+
+Each ``Server`` owns one ``Metrics`` with its own ``CollectorRegistry``, so two servers in one
+process (tests) never share counters. The server calls the recording methods; ``start_http``
+serves the exposition format on a TCP port when ``metrics_port`` is set.
+
+Metric names follow the Prometheus conventions (base units, ``_seconds``, ``_bytes``,
+``_total``); ``deploy/prometheus/alerts.yml`` and ``deploy/grafana/tensorbridge.json`` use them,
+and ``tests/test_deploy.py`` checks that every name they query is defined here.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
+
+__all__ = ["LATENCY_BUCKETS", "BATCH_BUCKETS", "METRIC_NAMES", "Metrics"]
+
+#: 0.1 ms .. 5 s: the calls this server is made for take 0.1-50 ms; slow ones up to seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                   0.25, 0.5, 1.0, 2.5, 5.0)
+#: Requests per model call when batching is on.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+#: Label used for a model name that no loaded model has (e.g. MODEL_NOT_FOUND): client-chosen
+#: names must not create new time series, or a fuzzer could exhaust the server's memory.
+OTHER_MODEL = "_other"
+
+#: Every metric family this module exposes (as scraped, i.e. counters with ``_total``).
+METRIC_NAMES = frozenset({
+    "tensorbridge_requests_total",
+    "tensorbridge_errors_total",
+    "tensorbridge_queue_wait_seconds",
+    "tensorbridge_preprocess_seconds",
+    "tensorbridge_compute_seconds",
+    "tensorbridge_request_duration_seconds",
+    "tensorbridge_batch_size",
+    "tensorbridge_in_flight_requests",
+    "tensorbridge_connections_open",
+    "tensorbridge_shm_mapped_bytes",
+    "tensorbridge_shm_cap_bytes",
+    "tensorbridge_shm_usage_ratio",
+    "tensorbridge_instances_alive",
+    "tensorbridge_instances_configured",
+    "tensorbridge_model_load_seconds",
+})
+
+
+class Metrics:
+    """The server's counters, gauges and histograms, in a registry of their own."""
+
+    def __init__(self, shm_cap_bytes: int) -> None:
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()  # guards _shm and _known
+        self._shm = 0
+        self._shm_cap = max(int(shm_cap_bytes), 1)
+        self._known: set[str] = set()
+        self._http: Any = None
+        r = self.registry
+        # process_resident_memory_bytes, process_open_fds: what the soak tests watch too.
+        ProcessCollector(registry=r)
+        self._requests = Counter("tensorbridge_requests", "Requests answered, by model and "
+                                 "status (ok or the error name)", ["model", "status"],
+                                 registry=r)
+        self._errors = Counter("tensorbridge_errors", "Errors answered, by error code name "
+                               "(spec §7) and model", ["code", "model"], registry=r)
+        hist = {
+            "queue": ("tensorbridge_queue_wait_seconds",
+                      "Time a request waited for its model"),
+            "preprocess": ("tensorbridge_preprocess_seconds",
+                           "Time spent decoding and validating a request"),
+            "compute": ("tensorbridge_compute_seconds",
+                        "Time spent in the model, including writing outputs"),
+            "total": ("tensorbridge_request_duration_seconds",
+                      "Time from the request's arrival to its reply"),
+        }
+        self._hist = {key: Histogram(name, text, ["model"], buckets=LATENCY_BUCKETS,
+                                     registry=r) for key, (name, text) in hist.items()}
+        self._batch = Histogram("tensorbridge_batch_size", "Requests computed in one model call",
+                                ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self._in_flight = Gauge("tensorbridge_in_flight_requests",
+                                "Requests received and not yet answered", registry=r)
+        self._connections = Gauge("tensorbridge_connections_open", "Open client connections",
+                                  registry=r)
+        self._shm_bytes = Gauge("tensorbridge_shm_mapped_bytes",
+                                "Shared memory mapped by all connections' regions", registry=r)
+        cap = Gauge("tensorbridge_shm_cap_bytes", "Configured cap on the shared memory of all "
+                    "regions (shm_cap_mb)", registry=r)
+        cap.set(self._shm_cap)
+        self._shm_ratio = Gauge("tensorbridge_shm_usage_ratio",
+                                "tensorbridge_shm_mapped_bytes / tensorbridge_shm_cap_bytes",
+                                registry=r)
+        self._alive = Gauge("tensorbridge_instances_alive", "Healthy model instances",
+                            ["model"], registry=r)
+        self._configured = Gauge("tensorbridge_instances_configured",
+                                 "Model instances the configuration asks for", ["model"],
+                                 registry=r)
+        self._load = Gauge("tensorbridge_model_load_seconds",
+                           "Time the model took to load and warm up", ["model"], registry=r)
+
+    def start_http(self, host: str, port: int) -> None:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+
+    def stop_http(self) -> None:
+        """Stop the ``/metrics`` server, if started."""
+        if isinstance(self._http, tuple):  # prometheus_client >= 0.17: (server, thread)
+            server, thread = self._http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        self._http = None
+
+    def model_loaded(self, model: str, seconds: float, instances: int) -> None:
+        """A model is loaded and warmed up; ``instances`` is how many the config asks for."""
+        with self._lock:
+            self._known.add(model)
+        self._load.labels(model).set(seconds)
+        self._configured.labels(model).set(instances)
+        self._alive.labels(model).set(instances)
+
+    def instances_alive(self, model: str, n: int) -> None:
+        """How many of the model's instances are healthy now."""
+        self._alive.labels(self._model(model)).set(n)
+
+    def request_done(self, model: str, status: str, *, queue_s: float, preprocess_s: float,
+                     compute_s: float, total_s: float) -> None:
+        """One INFER answered; ``status`` is ``ok`` or the error name in lower case."""
+        label = self._model(model)
+        self._requests.labels(label, status).inc()
+        self._hist["queue"].labels(label).observe(queue_s)
+        self._hist["preprocess"].labels(label).observe(preprocess_s)
+        self._hist["compute"].labels(label).observe(compute_s)
+        self._hist["total"].labels(label).observe(total_s)
+
+    def error(self, code: str, model: str | None = None) -> None:
+        """One ERROR frame sent, e.g. ``error("invalid_input", "digits")``."""
+        self._errors.labels(code.lower(), "" if model is None else self._model(model)).inc()
+
+    def batch(self, model: str, size: int) -> None:
+        """One model call computed ``size`` requests together."""
+        self._batch.labels(self._model(model)).observe(size)
+
+    def in_flight(self, delta: int) -> None:
+        """Requests received (+1) or answered (-1)."""
+        self._in_flight.inc(delta)
+
+    def shm_mapped(self, delta_bytes: int) -> None:
+        """A region was created (+size) or released (-size)."""
+        with self._lock:
+            self._shm += delta_bytes
+            mapped = self._shm
+        self._shm_bytes.set(mapped)
+        self._shm_ratio.set(mapped / self._shm_cap)
+
+    def connections(self, delta: int) -> None:
+        """A connection was accepted (+1) or closed (-1)."""
+        self._connections.inc(delta)
+
+    def text(self) -> bytes:
+        """The exposition text, as ``/metrics`` serves it."""
+        return generate_latest(self.registry)
+
+    def _model(self, model: str) -> str:
+        with self._lock:
+            return model if model in self._known else OTHER_MODEL
