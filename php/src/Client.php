@@ -45,7 +45,7 @@ final class Client
     private int $nextId;
     /** @var array<int, array{0: int, 1: int}> request id => region byte range [start, end) of requests we gave up on */
     private array $abandoned = [];
-    /** @var array{queue_us: int, compute_us: int}|null */
+    /** @var array{queue_us: int, compute_us: int, preprocess_us: int, batch_size: int}|null */
     private ?array $lastTiming = null;
     /** @var array<string, array<string, mixed>>|null model metadata by name */
     private ?array $modelIndex = null;
@@ -190,11 +190,13 @@ final class Client
     }
 
     /**
-     * Where the server spent the last successful inference: microseconds waiting for the model
-     * (queue_us) and computing, outputs included (compute_us). The rest of the round trip is
-     * transport and PHP. Null before the first inference.
+     * Where the server spent the last successful inference, in microseconds: waiting for the model
+     * (queue_us), in the model, outputs included (compute_us), decoding inputs and postprocessing
+     * outputs (preprocess_us, e.g. JPEG decoding); batch_size is the number of rows in the model
+     * forward the request was part of (several requests merged by the server's batcher; 0 = not
+     * known). The rest of the round trip is transport and PHP. Null before the first inference.
      *
-     * @return array{queue_us: int, compute_us: int}|null
+     * @return array{queue_us: int, compute_us: int, preprocess_us: int, batch_size: int}|null
      */
     public function lastTiming(): ?array
     {
@@ -522,7 +524,12 @@ final class Client
                 if (!$reply instanceof InferResponse) {
                     throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
                 }
-                $this->lastTiming = ['queue_us' => $reply->queueUs, 'compute_us' => $reply->computeUs];
+                $this->lastTiming = [
+                    'queue_us' => $reply->queueUs,
+                    'compute_us' => $reply->computeUs,
+                    'preprocess_us' => $reply->preprocessUs,
+                    'batch_size' => $reply->batchSize,
+                ];
                 $results[] = $this->readOutputs($reply, $outOffset, $capacity);
             } catch (TensorBridgeException $e) {
                 $serverError = $e->getErrorCode() !== null && $conn->isOpen();

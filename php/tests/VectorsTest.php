@@ -197,6 +197,8 @@ final class VectorsTest extends TestCase
                 $b['compute_us'],
                 array_map(self::descriptor(...), $b['outputs']),
                 (string) hex2bin($b['inline_hex']),
+                $b['preprocess_us'],
+                $b['batch_size'],
             ),
             default => throw new \LogicException("unknown vector type $type"),
         };

@@ -13,13 +13,18 @@ final class InferResponse
 {
     /**
      * Plain value object; fields as in the spec section named above.
+     *
+     * @param list<TensorDescriptor> $outputs
+     * @param int $preprocessUs time spent decoding inputs and postprocessing outputs
+     * @param int $batchSize rows in the model forward this request was part of (0 = not known)
      */
     public function __construct(
         public readonly int $queueUs,
         public readonly int $computeUs,
-        /** @var list<TensorDescriptor> */
         public readonly array $outputs,
         public readonly string $inline = '',
+        public readonly int $preprocessUs = 0,
+        public readonly int $batchSize = 0,
     ) {
     }
 }

@@ -44,6 +44,8 @@ final class Wire
     ];
 
     private const DESCRIPTOR_SIZE = 32;
+    /** INFER_OK fixed part: n_outputs, batch_size, queue_us, compute_us, preprocess_us (spec §6.2) */
+    private const INFER_OK_FIXED = 16;
 
     /**
      * CRC-32C (Castagnoli) of $data as an unsigned int.
@@ -233,7 +235,7 @@ final class Wire
 
     private static function encodeInferOk(InferResponse $r): string
     {
-        $out = pack('vvVV', count($r->outputs), 0, $r->queueUs, $r->computeUs);
+        $out = pack('vvVVV', count($r->outputs), $r->batchSize, $r->queueUs, $r->computeUs, $r->preprocessUs);
         foreach ($r->outputs as $d) {
             $out .= self::encodeDescriptor($d);
         }
@@ -320,16 +322,19 @@ final class Wire
 
     private static function decodeInferOk(string $body, ?int $regionSize): InferResponse
     {
-        if (strlen($body) < 12) {
-            throw new ProtocolException(sprintf('INFER_OK body must be at least 12 bytes, got %d', strlen($body)));
+        if (strlen($body) < self::INFER_OK_FIXED) {
+            throw new ProtocolException(sprintf(
+                'INFER_OK body must be at least %d bytes, got %d',
+                self::INFER_OK_FIXED,
+                strlen($body),
+            ));
         }
-        $b = unpack('vn/vres/Vqueue/Vcompute', $body);
-        self::expectZero('INFER_OK reserved field', $b['res']);
-        $pos = 12;
+        $b = unpack('vn/vbatch/Vqueue/Vcompute/Vpre', $body);
+        $pos = self::INFER_OK_FIXED;
         $outputs = self::decodeDescriptors($body, $pos, $b['n'], 'output');
         $inline = substr($body, $pos);
         self::checkDescriptors($outputs, $inline, $regionSize, 'output');
-        return new InferResponse($b['queue'], $b['compute'], $outputs, $inline);
+        return new InferResponse($b['queue'], $b['compute'], $outputs, $inline, $b['pre'], $b['batch']);
     }
 
     /**
