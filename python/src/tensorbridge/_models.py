@@ -84,7 +84,24 @@ class LoadedModel:
         """Spec §4.1 entry for MODELS_OK."""
         return {"name": self.name, **self.signature.as_dict()}
 
-    def predict(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    @property
+    def forward_signature(self) -> Signature:
+        """The module's own signature (what ``forward`` takes); batching looks at its dims."""
+        return self.signature
+
+    def preprocess(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Client inputs -> module inputs (identity without configured preprocessing)."""
+        return inputs
+
+    def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        """Module outputs -> client outputs (identity without configured postprocessing)."""
+        return outputs
+
+    def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``postprocess(forward(preprocess(inputs)))``: one full request."""
+        return self.postprocess(self.forward(self.preprocess(inputs)))
+
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Run the model once on named inputs in inference mode; return named CPU outputs.
 
         Raises ``ModelError`` (with the model's exception type and text) when the model fails.
