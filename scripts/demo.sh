@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# `make demo`: start the server on the bundled digits model, call it from PHP, stop it.
+# `make demo`: start the web demo's stack (TensorBridge server, PHP-FPM, nginx; see
+# scripts/web.sh), classify ten digits once from the PHP CLI, print the page's URL and return,
+# leaving the stack running. `make demo-stop` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SOCKET=${1:-/tmp/tensorbridge-demo.sock}
-python3 -m tensorbridge serve --socket "$SOCKET" --model digits=tensorbridge.models.digits:create &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
-python3 -m tensorbridge health --socket "$SOCKET" --timeout 1 >/dev/null 2>&1 || \
-  until python3 -m tensorbridge health --socket "$SOCKET" --timeout 1 >/dev/null 2>&1; do
-    kill -0 $SERVER || exit 1; sleep 0.2; done
-php examples/digits.php "$SOCKET"
+RUN=${TB_WEB_DIR:-$PWD/.run/web}
+scripts/web.sh start
+echo "PHP CLI example (examples/digits.php):"
+php examples/digits.php "$RUN/tb.sock" | sed 's/^/  /'
+echo
+echo "Web demo: http://127.0.0.1:${TB_WEB_PORT:-8080}/   (stop it with: make demo-stop)"

@@ -1,0 +1,10 @@
+<?php
+
+// The models the web demo offers (server model name => label in the menu); scripts/web.sh loads them.
+
+declare(strict_types=1);
+
+return [
+    'digits-image' => 'Digits 0-9 (8x8, trained on scikit-learn digits)',
+    'resnet18' => 'ResNet-18, ImageNet classes (random weights)',
+];
