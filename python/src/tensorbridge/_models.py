@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ._errors import ModelError
+from ._pipeline import Pipeline, PipelineConfigError
 from ._signature import ANY, Signature
 from ._spec import BY_NAME, BY_TORCH
 
@@ -58,6 +59,12 @@ class ModelConfig:
     watchdog_timeout: float = 0.0
     #: Extra keyword arguments for the factory.
     options: dict[str, Any] = field(default_factory=dict)
+    #: Server-side image preprocessing (``[models.NAME.preprocess]``, docs/models.md): keys
+    #: here override those the factory declares. ``inputs``/``outputs`` above describe the
+    #: module itself; clients see the image input and the top-k outputs instead.
+    preprocess: dict[str, Any] | None = None
+    #: Server-side postprocessing (``[models.NAME.postprocess]``): softmax, top_k, labels.
+    postprocess: dict[str, Any] | None = None
 
     @classmethod
     def from_cli(cls, text: str) -> ModelConfig:
@@ -73,12 +80,16 @@ class ModelConfig:
 class LoadedModel:
     """A model kept in memory with its signature; the server queues requests for it."""
 
-    def __init__(self, config: ModelConfig, module: Any, signature: Signature) -> None:
+    def __init__(self, config: ModelConfig, module: Any, signature: Signature,
+                 pipeline: Pipeline | None = None) -> None:
         self.config = config
         self.name = config.name
         self.module = module
-        self.signature = signature
+        self.pipeline = pipeline or Pipeline()
         self.device = torch.device(config.device)
+        self._forward_signature = signature
+        #: What clients send and get (checked on every request, reported by MODELS).
+        self.signature = self.pipeline.client_signature(signature)
 
     def metadata(self) -> dict[str, Any]:
         """Spec §4.1 entry for MODELS_OK."""
@@ -87,15 +98,31 @@ class LoadedModel:
     @property
     def forward_signature(self) -> Signature:
         """The module's own signature (what ``forward`` takes); batching looks at its dims."""
-        return self.signature
+        return self._forward_signature
+
+    @forward_signature.setter
+    def forward_signature(self, signature: Signature) -> None:
+        self._forward_signature = signature
+        self.signature = self.pipeline.client_signature(signature)
 
     def preprocess(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Client inputs -> module inputs (identity without configured preprocessing)."""
-        return inputs
+        """Client inputs -> module inputs (identity without configured preprocessing).
+
+        An image input (BYTES, one encoded file per item) becomes one stacked tensor; a bad
+        image raises ``InvalidInputError`` naming the item.
+        """
+        if self.pipeline.preprocess is None:
+            return inputs
+        return self.pipeline.pre(inputs)
 
     def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
-        """Module outputs -> client outputs (identity without configured postprocessing)."""
-        return outputs
+        """Module outputs -> client outputs (identity without configured postprocessing).
+
+        Row by row, so it takes any number of rows (a batch's slice or a whole batch).
+        """
+        if self.pipeline.postprocess is None:
+            return outputs
+        return self.pipeline.post(outputs)
 
     def predict(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``postprocess(forward(preprocess(inputs)))``: one full request."""
@@ -111,16 +138,17 @@ class LoadedModel:
                       else v for k, v in inputs.items()}
         try:
             with torch.inference_mode():
-                if self.signature.inputs is None:
+                if self._forward_signature.inputs is None:
                     result = self.module(dict(inputs))
                 else:
-                    result = self.module(*(inputs[s.name] for s in self.signature.inputs))
+                    result = self.module(*(inputs[s.name]
+                                           for s in self._forward_signature.inputs))
         except Exception as exc:  # the model's own failure, reported to the caller
             raise ModelError(f"model {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         return self._name_outputs(result)
 
     def _name_outputs(self, result: Any) -> dict[str, Any]:
-        names = [s.name for s in self.signature.outputs]
+        names = [s.name for s in self._forward_signature.outputs]
         if isinstance(result, Mapping):
             out = dict(result)
         elif isinstance(result, (tuple, list)) and not _is_bytes_list(result):
@@ -166,9 +194,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         "inputs", _forward_inputs(module))
     outputs = config.outputs if config.outputs is not None else declared.get("outputs")
     signature = Signature.parse(inputs, outputs)
-    model = LoadedModel(config, module, signature)
+    pipeline = _build_pipeline(config, module, signature)
+    model = LoadedModel(config, module, signature, pipeline)
     log.info("loaded %r in %.2f s", config.name, time.monotonic() - t0)
     if config.warmup > 0:
+        # Warm up the module itself: its inputs can be made up even when the client's
+        # (image files) cannot; the postprocess then runs on its outputs.
         example = _example_inputs(signature)
         if example is None:
             log.info("no warm-up for %r: it needs declared FP/INT input shapes (BYTES inputs "
@@ -176,12 +207,32 @@ def load_model(config: ModelConfig) -> LoadedModel:
         else:
             t1 = time.monotonic()
             for i in range(config.warmup):
-                result = model.predict(example)
+                result = model.forward(example)
                 log.info("warm-up %r: run %d/%d", config.name, i + 1, config.warmup)
             if outputs is None:
-                model.signature = _signature_from_run(signature, result)
+                learnt = _signature_from_run(signature, result)
+                if pipeline.active:  # the outputs it attaches to are known only now
+                    model.pipeline = _build_pipeline(config, module, learnt)
+                model.forward_signature = learnt
+            model.postprocess(result)
             log.info("warmed up %r in %.3f s", config.name, time.monotonic() - t1)
     return model
+
+
+def _build_pipeline(config: ModelConfig, module: Any, forward: Signature) -> Pipeline:
+    """The factory's declared ``tensorbridge_pipeline``, overridden key by key by the config."""
+    declared = dict(getattr(module, "tensorbridge_pipeline", None) or {})
+    unknown = set(declared) - {"preprocess", "postprocess"}
+    if unknown:
+        raise ValueError(f"model {config.name!r}: tensorbridge_pipeline has unknown keys "
+                         f"{sorted(unknown)}; use 'preprocess' and 'postprocess'")
+    pre = {**(declared.get("preprocess") or {}), **(config.preprocess or {})}
+    post = {**(declared.get("postprocess") or {}), **(config.postprocess or {})}
+    try:
+        return Pipeline.build(pre or None, post or None, forward,
+                              getattr(module, "tensorbridge_notice", None))
+    except PipelineConfigError as exc:
+        raise PipelineConfigError(f"model {config.name!r}: {exc}") from None
 
 
 def _load_module(config: ModelConfig) -> tuple[Any, dict[str, Any]]:
