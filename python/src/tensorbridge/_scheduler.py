@@ -1,14 +1,20 @@
-"""Per-model work queues: bounded, deadline-aware, served by the model's own threads.
+"""Per-model work queues: bounded, deadline-aware, dynamically batched, served by instances.
 
-A request for an idle model is run at once by the I/O thread that read it, after that
-thread has handed the I/O role to another (``try_claim``): no hand-off, no extra wake-up.
-A request for a busy model waits here and is run by the model's worker threads, so a slow
-model stalls nobody but the requests waiting for it; a worker that finishes one request
-takes the next without sleeping.
+A request for an idle model is run at once by the I/O thread that read it (``try_claim``):
+no hand-off, no extra wake-up. A request for a busy model waits here and is run by one of the
+model's instances (worker threads), so a slow model stalls nobody but the requests waiting
+for it. When batching is on, an instance that takes work takes every compatible waiting
+request (up to ``max_batch_size`` rows, following the configured policy), stacks them along
+dim 0, runs one forward and splits the outputs back, row for row.
+
+An instance whose call runs past ``watchdog_timeout`` is marked unhealthy: the requests it
+holds are failed at once and a fresh instance takes over the queue. A Python thread cannot
+be killed, so the stuck one is abandoned; whatever it returns later is dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -16,7 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from ._errors import DeadlineExceededError, ModelError, TensorBridgeError
 from ._models import LoadedModel
+from ._signature import ANY
+
+log = logging.getLogger("tensorbridge")
+
+#: The seed's queue-depth policy: above this many waiting requests, batch.
+QUEUE_DEPTH_THRESHOLD = 50
 
 
 @dataclass(eq=False)
@@ -24,30 +39,107 @@ class Job:
     """One INFER waiting for, or running on, a model."""
 
     model: LoadedModel
+    #: Model inputs (after preprocessing), dim 0 = rows when the model is batched.
     inputs: dict[str, Any]
     deadline: float | None
     arrived: float
-    #: Called in a worker thread as run(job) when the job's turn comes.
-    run: Callable[[Job], None]
-    #: Called (in the I/O loop thread) as expire(job) when the deadline passed in the queue.
-    expire: Callable[[Job], None]
+    #: Called exactly once, in the thread that ran (or gave up on) the job, as
+    #: ``complete(job, outputs_or_error, batch_rows)``.
+    complete: Callable[[Job, dict[str, Any] | TensorBridgeError, int], None]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Rows this job adds to a batch; None = never merged with others.
+    rows: int | None = None
+    #: Jobs merge only when their keys are equal (same names, dtypes and non-batch dims).
+    key: tuple[Any, ...] | None = None
+    started: float = 0.0
+    _done: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish(self, outcome: dict[str, Any] | TensorBridgeError, batch_rows: int) -> bool:
+        """Deliver the outcome unless someone (the watchdog) already did; True if delivered."""
+        with self._lock:
+            if self._done:
+                return False
+            self._done = True
+        self.complete(self, outcome, batch_rows)
+        return True
+
+
+def batch_key(inputs: dict[str, Any]) -> tuple[int | None, tuple[Any, ...] | None]:
+    """(rows, key) of a job's inputs, or (None, None) when they cannot be stacked."""
+    rows = None
+    key = []
+    for name in sorted(inputs):
+        value = inputs[name]
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None, None
+        if rows is None:
+            rows = value.shape[0]
+        elif value.shape[0] != rows:
+            return None, None
+        key.append((name, value.dtype, tuple(value.shape[1:])))
+    return rows, tuple(key)
+
+
+def batchable(model: LoadedModel) -> bool:
+    """Whether requests for ``model`` may be stacked: batching asked for, and every input of
+    the model's own signature has a dynamic first dim."""
+    config = model.config
+    if config.max_batch_size <= 1 and config.batch_policy != "queue_depth":
+        return False
+    signature = getattr(model, "forward_signature", model.signature)
+    if not signature.inputs:
+        return False
+    return all(s.shape and s.shape[0] == -1 and s.datatype not in (ANY, "BYTES")
+               for s in signature.inputs)
+
+
+class _Instance:
+    """One copy of the model serving the queue: a worker thread and what it runs now."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.healthy = True
+        self.busy_since: float | None = None
+        self.jobs: list[Job] = []
+        self.thread: threading.Thread | None = None
 
 
 class ModelQueue:
-    """A bounded FIFO of jobs for one model and ``max_concurrency`` threads that run them."""
+    """A bounded FIFO of jobs for one model, and the instances that run them."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel,
+                 on_batch: Callable[[str, int], None] | None = None,
+                 on_instances: Callable[[str, int], None] | None = None) -> None:
         self.model = model
+        config = model.config
+        self.batching = batchable(model)
+        self.max_rows = max(1, config.max_batch_size) if self.batching else 1
+        if config.batch_policy == "queue_depth" and self.batching and config.max_batch_size <= 1:
+            self.max_rows = 32  # the seed's cap
+        self.delay = config.max_queue_delay_us / 1e6 if self.batching else 0.0
+        self.preferred = sorted(p for p in config.preferred_batch_sizes if 0 < p <= self.max_rows)
+        self.watchdog_timeout = config.watchdog_timeout
+        #: Rows of each forward run so far, by size (the batch-size distribution).
+        self.batch_sizes: dict[int, int] = {}
+        self.replaced = 0
+        self._on_batch = on_batch
+        self._on_instances = on_instances
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self._active = 0  # requests running now, inline or in a worker
-        self._threads = [threading.Thread(target=self._work, daemon=True,
-                                          name=f"tb-model-{model.name}-{i}")
-                         for i in range(model.config.max_concurrency)]
-        for t in self._threads:
-            t.start()
+        self._instances: list[_Instance] = []
+        self._next_index = 0
+        for _ in range(max(1, config.instances, config.max_concurrency)):
+            self._add_instance()
+        self._watchdog: threading.Thread | None = None
+        if self.watchdog_timeout > 0:
+            self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                              name=f"tb-watchdog-{model.name}")
+            self._watchdog.start()
+        self._report_instances()
+
+    # -- submitting ------------------------------------------------------------------------
 
     def submit(self, job: Job) -> bool:
         """Queue a job; False when ``max_queue`` jobs already wait (the caller answers OVERLOADED)."""
@@ -58,26 +150,26 @@ class ModelQueue:
             self._cv.notify()
             return True
 
-    def try_claim(self) -> bool:
-        """Take a compute slot for running a job inline; False when the model is busy."""
+    def try_claim(self) -> _Instance | None:
+        """Take an idle instance for running a job inline, or None when the job must queue
+        (the model is busy, others wait, or batching wants to wait for company)."""
         with self._cv:
-            if self._jobs or self._active >= self.model.config.max_concurrency:
-                return False
-            self._active += 1
-            return True
+            if self._jobs or self.delay > 0:
+                return None
+            for inst in self._instances:
+                if inst.healthy and inst.busy_since is None:
+                    inst.busy_since = time.monotonic()
+                    return inst
+            return None
 
-    def run_claimed(self, job: Job) -> None:
-        """Run a job in this thread with the slot taken by ``try_claim``, then free it."""
-        job.extra["started"] = time.monotonic()
+    def run_claimed(self, inst: _Instance, job: Job) -> None:
+        """Run a job in this thread on the instance taken by ``try_claim``, then free it."""
         try:
-            job.run(job)
+            self._run(inst, [job])
         finally:
-            self._release()
+            self._release(inst)
 
-    def _release(self) -> None:
-        with self._cv:
-            self._active -= 1
-            self._cv.notify()
+    # -- housekeeping ----------------------------------------------------------------------
 
     def expire(self, now: float) -> list[Job]:
         """Remove and return the queued jobs whose deadline has passed."""
@@ -93,26 +185,187 @@ class ModelQueue:
         deadlines = [j.deadline for j in tuple(self._jobs) if j.deadline is not None]
         return min(deadlines) if deadlines else None
 
+    def pending(self) -> int:
+        """Jobs queued or running."""
+        with self._cv:
+            return len(self._jobs) + sum(len(i.jobs) for i in self._instances if i.healthy)
+
+    def healthy_instances(self) -> int:
+        """Instances able to take work."""
+        with self._cv:
+            return sum(i.healthy for i in self._instances)
+
     def stop(self) -> None:
-        """Let the worker threads finish their current job and exit."""
+        """Let the instances finish their current call and exit."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout=5)
+        for inst in list(self._instances):
+            if inst.thread is not None and inst.healthy:
+                inst.thread.join(timeout=5)
 
-    def _work(self) -> None:
+    # -- instances -------------------------------------------------------------------------
+
+    def _add_instance(self) -> None:
+        inst = _Instance(self._next_index)
+        self._next_index += 1
+        inst.thread = threading.Thread(target=self._work, args=(inst,), daemon=True,
+                                       name=f"tb-model-{self.model.name}-{inst.index}")
+        self._instances.append(inst)
+        inst.thread.start()
+
+    def _report_instances(self) -> None:
+        if self._on_instances is not None:
+            self._on_instances(self.model.name, self.healthy_instances())
+
+    def _release(self, inst: _Instance) -> None:
+        with self._cv:
+            inst.busy_since = None
+            inst.jobs = []
+            self._cv.notify()
+
+    def _work(self, inst: _Instance) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not (
-                        self._jobs and self._active < self.model.config.max_concurrency):
-                    self._cv.wait()
+                while True:
+                    if self._stopping or not inst.healthy:
+                        return
+                    wait = None
+                    if self._jobs and inst.busy_since is None:  # not running a job inline
+                        batch, wait = self._take(time.monotonic())
+                        if batch:
+                            inst.busy_since = time.monotonic()
+                            break
+                    self._cv.wait(wait)
+            try:
+                self._run(inst, batch)
+            finally:
+                self._release(inst)
+
+    def _take(self, now: float) -> tuple[list[Job], float | None]:
+        """Pick the next batch under the lock: (jobs, None), or ([], seconds to wait)."""
+        head = self._jobs[0]
+        if not self.batching or head.key is None:
+            return [self._jobs.popleft()], None
+        same = [j for j in self._jobs if j.key == head.key]
+        if self.model.config.batch_policy == "queue_depth":
+            depth = len(self._jobs)
+            want = 1 if depth <= QUEUE_DEPTH_THRESHOLD else max(4, min(32, depth // 2))
+            return self._pop(same, min(want, self.max_rows)), None
+        rows = sum(j.rows or 0 for j in same)
+        target = self.max_rows
+        if rows < target:
+            fits = [p for p in self.preferred if p <= rows]
+            waited = now - head.arrived
+            if waited < self.delay and not (fits and fits[-1] == self.preferred[-1]):
+                return [], head.arrived + self.delay - now
+            target = fits[-1] if fits and self.preferred else target
+        return self._pop(same, target), None
+
+    def _pop(self, same: list[Job], max_rows: int) -> list[Job]:
+        taken: list[Job] = []
+        rows = 0
+        for job in same:
+            if taken and rows + (job.rows or 0) > max_rows:
+                break
+            taken.append(job)
+            rows += job.rows or 0
+        chosen = set(map(id, taken))
+        self._jobs = deque(j for j in self._jobs if id(j) not in chosen)
+        return taken
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _run(self, inst: _Instance, jobs: list[Job]) -> None:
+        started = time.monotonic()
+        live = []
+        for job in jobs:
+            job.started = started
+            if job.deadline is not None and started >= job.deadline:
+                job.finish(deadline_error(job), 0)
+            else:
+                live.append(job)
+        if not live:
+            return
+        inst.jobs = live
+        rows = sum(j.rows or 0 for j in live) if len(live) > 1 else (live[0].rows or 1)
+        try:
+            if len(live) == 1:
+                outputs = self.model.forward(live[0].inputs)
+                parts: list[dict[str, Any]] = [outputs]
+            else:
+                stacked = {name: torch.cat([j.inputs[name] for j in live])
+                           for name in live[0].inputs}
+                outputs = self.model.forward(stacked)
+                parts = self._split(outputs, [j.rows or 0 for j in live])
+        except ModelError as exc:
+            if len(live) > 1 and inst.healthy:
+                # One request may have caused it: run each alone so only its caller fails.
+                for job in live:
+                    self._run(inst, [job])
+                return
+            for job in live:
+                job.finish(exc, rows)
+            return
+        self._record(rows)
+        for job, part in zip(live, parts, strict=True):
+            job.finish(part, rows)
+
+    def _split(self, outputs: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
+        total = sum(rows)
+        parts: list[dict[str, Any]] = [{} for _ in rows]
+        for name, value in outputs.items():
+            if len(value) != total:
+                raise ModelError(
+                    f"model {self.model.name!r} output {name!r} has {len(value)} rows for a "
+                    f"batch of {total}; this model cannot be batched: set max_batch_size = 1")
+            start = 0
+            for part, n in zip(parts, rows, strict=True):
+                part[name] = value[start:start + n]
+                start += n
+        return parts
+
+    def _record(self, rows: int) -> None:
+        with self._cv:
+            self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
+        if self._on_batch is not None:
+            self._on_batch(self.model.name, rows)
+
+    # -- watchdog --------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        period = min(max(self.watchdog_timeout / 10, 0.02), 1.0)
+        while True:
+            with self._cv:
                 if self._stopping:
                     return
-                job = self._jobs.popleft()
-                self._active += 1
-            job.extra["started"] = time.monotonic()
-            try:
-                job.run(job)
-            finally:
-                self._release()
+                self._cv.wait(period)
+                now = time.monotonic()
+                stuck = [i for i in self._instances if i.healthy and i.busy_since is not None
+                         and now - i.busy_since > self.watchdog_timeout]
+                for inst in stuck:
+                    inst.healthy = False
+                    self._instances.remove(inst)
+                    self.replaced += 1
+                    self._add_instance()
+                    log.error("watchdog: model %r instance %d has been in one call for %.1f s "
+                              "(watchdog_timeout %.1f s); failing its %d request(s) and "
+                              "starting instance %d", self.model.name, inst.index,
+                              now - (inst.busy_since or now), self.watchdog_timeout,
+                              len(inst.jobs), self._next_index - 1)
+            for inst in stuck:
+                error = ModelError(
+                    f"model {self.model.name!r} did not answer within its watchdog_timeout of "
+                    f"{self.watchdog_timeout:g} s; the stuck instance was replaced. Retry; if "
+                    "it keeps happening, check the model for hangs or raise watchdog_timeout")
+                for job in list(inst.jobs):
+                    job.finish(error, 0)
+            if stuck:
+                self._report_instances()
+
+
+def deadline_error(job: Job) -> DeadlineExceededError:
+    """The answer for a job whose deadline passed before its model could run."""
+    return DeadlineExceededError(
+        f"the request's deadline ({job.extra.get('timeout_us', 0) / 1000:.1f} ms) passed "
+        f"before model {job.model.name!r} could run; it was not computed")

@@ -35,7 +35,7 @@ import torch
 from . import __version__
 from ._config import ServerConfig
 from ._errors import (
-    DeadlineExceededError,
+    InternalError,
     InvalidInputError,
     ModelError,
     ModelNotFoundError,
@@ -44,9 +44,10 @@ from ._errors import (
     ProtocolError,
     TensorBridgeError,
 )
+from ._metrics import Metrics
 from ._models import LoadedModel, load_model
 from ._region import Region
-from ._scheduler import Job, ModelQueue
+from ._scheduler import Job, ModelQueue, batch_key, deadline_error
 from ._spec import (
     ALIGN,
     BY_TORCH,
@@ -57,6 +58,7 @@ from ._spec import (
     LOCATION_REGION,
     MAX_BODY,
     OPT_CRC,
+    PAGE,
     ErrorCode,
     FrameType,
 )
@@ -84,6 +86,8 @@ _SEND_TIMEOUT = struct.pack("ll", 5, 0)  # a client that stops reading for 5 s i
 _READ_CHUNK = 1 << 20
 _SMALL = 1 << 16  # outputs up to this size are written with one bytes copy
 _ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
+#: Pipelined INFERs one connection may have waiting at once; more are read when some finish.
+_MAX_PENDING = 256
 
 
 def _align(n: int) -> int:
@@ -111,6 +115,11 @@ class Server:
         self._pool: list[threading.Thread] = []
         self._computing = 0  # pool threads running a request inline
         self._stopped = threading.Event()
+        self._shm_lock = threading.Lock()
+        self._shm_total = 0
+        #: Set by ``drain()``: new INFERs are refused while in-flight ones finish.
+        self.draining = False
+        self.metrics = Metrics(config.shm_cap)
 
     def load_models(self) -> None:
         """Load every model of the config, in order, logging progress."""
@@ -118,8 +127,12 @@ class Server:
             torch.set_num_threads(self.config.threads)
         for i, model_config in enumerate(self.config.models, 1):
             log.info("model %d/%d", i, len(self.config.models))
+            t0 = time.monotonic()
             model = load_model(model_config)
             self.models[model.name] = model
+            self.metrics.model_loaded(model.name, time.monotonic() - t0,
+                                      max(1, model_config.instances,
+                                          model_config.max_concurrency))
 
     def start(self) -> None:
         """Bind the socket and start serving in background threads."""
@@ -129,10 +142,16 @@ class Server:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         os.chmod(path, self.config.socket_mode)
+        _chown(path, self.config.socket_owner, self.config.socket_group)
         listener.listen(512)
         listener.setblocking(False)
         self._listener = listener
-        self._queues = {name: ModelQueue(m) for name, m in self.models.items()}
+        for name, m in self.models.items():
+            if name not in self._queues:
+                self.metrics.model_loaded(name, 0.0, max(1, m.config.instances,
+                                                         m.config.max_concurrency))
+        self._queues = {name: ModelQueue(m, self.metrics.batch, self.metrics.instances_alive)
+                        for name, m in self.models.items()}
         self._epoll = select.epoll()
         self._handlers[listener.fileno()] = self._accept
         self._epoll.register(listener.fileno(), select.EPOLLIN)
@@ -150,6 +169,42 @@ class Server:
             self.start()
         self._stopped.wait()
 
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting and refuse new INFERs, wait up to ``timeout`` seconds for the
+        in-flight ones to be answered, then ``stop()``. True if nothing was cut off."""
+        if self._stopped.is_set():
+            return True
+        self.draining = True
+        self._close_listener()
+        log.info("draining: waiting up to %.1f s for in-flight requests", timeout)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                busy = sum(c.pending for c in self.connections)
+            if not busy:
+                break
+            time.sleep(0.01)
+        else:
+            log.warning("drain timeout: %d request(s) still in flight are cut off", busy)
+        self.stop()
+        return not busy
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        self._handlers.pop(listener.fileno(), None)
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(listener.fileno())
+        except (OSError, ValueError):
+            pass
+        listener.close()
+        try:
+            os.unlink(self.config.socket)
+        except FileNotFoundError:
+            pass
+
     def stop(self) -> None:
         """Stop accepting, close every connection (freeing its region) and remove the socket."""
         if self._stopped.is_set():
@@ -162,12 +217,8 @@ class Server:
             queue.stop()
         for conn in list(self.connections):
             conn.close()
-        if self._listener is not None:
-            self._listener.close()
-            try:
-                os.unlink(self.config.socket)
-            except FileNotFoundError:
-                pass
+        self._close_listener()
+        self.metrics.stop_http()
         if self._epoll is not None:
             self._epoll.close()
         self._wake_r.close()
@@ -204,6 +255,10 @@ class Server:
                     handler()
             self._expire_queued()
 
+    def queue(self, name: str) -> ModelQueue:
+        """The work queue of a loaded model."""
+        return self._queues[name]
+
     def dispatch(self, model: LoadedModel, job: Job) -> bool:
         """Run ``job`` now, in this thread, if its model is idle; else queue it.
 
@@ -212,18 +267,34 @@ class Server:
         with self._lock:
             # Keep one thread waiting on epoll: never let the last one go compute.
             spare = self._computing < len(self._pool) - 1
-            claimed = spare and queue.try_claim()
-            if claimed:
+            instance = queue.try_claim() if spare else None
+            if instance is not None:
                 self._computing += 1
-        if not claimed:
+        if instance is None:
             return queue.submit(job)
-        job.extra["inline"] = True
         try:
-            queue.run_claimed(job)
+            queue.run_claimed(instance, job)
         finally:
             with self._lock:
                 self._computing -= 1
         return True
+
+    def reserve_shm(self, nbytes: int) -> None:
+        """Account for a region growing by ``nbytes``; OVERLOADED past ``shm_cap``."""
+        with self._shm_lock:
+            if nbytes > 0 and self._shm_total + nbytes > self.config.shm_cap:
+                raise OverloadedError(
+                    f"the server's shared-memory cap ({self.config.shm_cap >> 20} MiB, "
+                    f"shm_cap_mb) is used up by {len(self.connections)} connections' regions; "
+                    "retry later, use smaller tensors, or raise shm_cap_mb")
+            self._shm_total += nbytes
+        self.metrics.shm_mapped(nbytes)
+
+    def release_shm(self, nbytes: int) -> None:
+        """Account for a region of ``nbytes`` being unmapped."""
+        with self._shm_lock:
+            self._shm_total -= nbytes
+        self.metrics.shm_mapped(-nbytes)
 
     def _select_timeout(self) -> float | None:
         deadlines = [d for q in self._queues.values() if (d := q.next_deadline()) is not None]
@@ -233,7 +304,7 @@ class Server:
         now = time.monotonic()
         for queue in self._queues.values():
             for job in queue.expire(now):
-                job.expire(job)
+                job.finish(deadline_error(job), 0)
 
     def _accept(self) -> None:
         assert self._listener is not None and self._epoll is not None
@@ -253,6 +324,7 @@ class Server:
                 self.connections.add(conn)
                 self.accepted += 1
                 self._handlers[conn.fd] = conn.on_readable
+            self.metrics.connections(1)
             log.debug("connection from pid %d (uid %d)", conn.peer_pid, conn.peer_uid)
             if conn.authorized():
                 self._epoll.register(conn.fd, _ONESHOT_IN)
@@ -294,13 +366,36 @@ class Server:
     def forget(self, conn: _Connection) -> None:
         """Drop a closed connection from epoll and the books."""
         with self._lock:
+            if conn not in self.connections:
+                return
             self.connections.discard(conn)
             self._handlers.pop(conn.fd, None)
+        self.metrics.connections(-1)
         if self._epoll is not None:
             try:
                 self._epoll.unregister(conn.fd)
             except (OSError, ValueError):
                 pass
+
+
+def _chown(path: str, owner: str | None, group: str | None) -> None:
+    """Give the socket file the configured owner and group (names or numeric ids)."""
+    if owner is None and group is None:
+        return
+    import grp
+    import pwd
+
+    def resolve(value: str | None, lookup: Callable[[str], Any], what: str) -> int:
+        if value is None:
+            return -1
+        if str(value).isdigit():
+            return int(value)
+        try:
+            return lookup(str(value))[2]
+        except KeyError:
+            raise ValueError(f"socket_{what} {value!r}: no such {what} on this host") from None
+
+    os.chown(path, resolve(owner, pwd.getpwnam, "owner"), resolve(group, grp.getgrnam, "group"))
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -323,11 +418,14 @@ def _clear_stale_socket(path: str) -> None:
 
 
 class _Connection:
-    """One client: its socket, its private region and its unparsed bytes.
+    """One client: its socket, its private region, its unparsed bytes and its requests.
 
-    At any time at most one thread works on a connection: the pool thread that got its
-    (one-shot) event or a resume (``owned``), or, while one of its requests waits for a busy
-    model, that model's worker (``busy``). Whoever finishes last re-arms the socket.
+    At most one pool thread reads and parses a connection at a time (the one that got its
+    one-shot event, or a resume: ``owned``). INFERs are handed to their model and may finish
+    in other threads, in any order; replies still leave in request order (spec §5.2) because
+    each frame gets a sequence number and ``_emit`` holds back a reply until every earlier
+    one is out. ATTACH, PING and MODELS wait until no INFER is pending (an ATTACH may replace
+    the region the pending ones read), which also keeps the cheap replies in order.
     """
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
@@ -336,24 +434,33 @@ class _Connection:
         self.fd = sock.fileno()
         self.region: Region | None = None
         self.use_crc = False
-        self.busy = False  # a request of ours waits for, or runs on, a model worker
-        self.owned = False  # a pool thread is serving our frames
+        self.pending = 0  # INFERs received and not answered yet
+        self.owned = False  # a pool thread is parsing our frames
+        self.paused = False  # the next frame waits for pending requests to finish
+        self.eof = False  # the peer hung up (or a reply failed): close once nothing is pending
         self.closed = False
         self._buf = bytearray()
-        self._lock = threading.Lock()  # guards busy / owned between the two
+        self._lock = threading.Lock()  # guards pending / owned / paused / eof / closed
+        self._send_lock = threading.Lock()
+        self._next_seq = 0
+        self._send_seq = 0
+        self._ready: dict[int, tuple[bytes, list[int]]] = {}
         pid, uid, gid = _PEERCRED.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        self.peer_pid, self.peer_uid = pid, uid
+        self.peer_pid, self.peer_uid, self.peer_gid = pid, uid, gid
 
     def authorized(self) -> bool:
-        """Check the peer's uid (SO_PEERCRED); refuse it with UNAUTHORIZED if not allowed."""
-        allowed = self.server.config.allow_uid
-        if not allowed or self.peer_uid in allowed:
+        """Check the peer's uid and gid (SO_PEERCRED); refuse it with UNAUTHORIZED if not allowed."""
+        config = self.server.config
+        uids, gids = config.allow_uid, config.allow_gid
+        if (not uids and not gids) or self.peer_uid in uids or self.peer_gid in gids:
             return True
         try:
-            self._send_error(0, ErrorCode.UNAUTHORIZED,
-                             f"uid {self.peer_uid} may not use this server; allowed: {allowed} "
-                             "(--allow-uid)")
+            message = (f"uid {self.peer_uid} (gid {self.peer_gid}) may not use this server; "
+                       f"allowed uids {uids}, gids {gids} (--allow-uid / --allow-gid)")
+            self.sock.sendall(encode_frame(FrameType.ERROR, 0, encode_error(
+                ErrorCode.UNAUTHORIZED, message)))
+            self.server.metrics.error("unauthorized")
             self._hang_up()
         except OSError:
             pass
@@ -362,19 +469,32 @@ class _Connection:
 
     def close(self) -> None:
         """Release the region and the socket. The client's copy of the memfd is its own."""
-        if self.closed:
-            return
-        self.closed = True
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
         self.server.forget(self)
         if self.region is not None:
+            self.server.release_shm(self.region.size)
             self.region.close()
             self.region = None
         self.sock.close()
         log.debug("connection of pid %d closed", self.peer_pid)
 
+    def _close_when_idle(self) -> None:
+        with self._lock:
+            self.eof = True
+            idle = self.pending == 0
+        if idle:
+            self.close()
+
+    # -- reading and parsing (the owning pool thread) --------------------------------------
+
     def on_readable(self) -> None:
         """Our one-shot event fired (data or EOF): this thread now owns the connection."""
         with self._lock:
+            if self.closed:
+                return
             self.owned = True
         try:
             data = self.sock.recv(_READ_CHUNK, socket.MSG_DONTWAIT)
@@ -382,59 +502,79 @@ class _Connection:
             data = None
         except OSError as exc:
             log.debug("connection of pid %d failed: %s", self.peer_pid, exc)
-            self.close()
-            return
+            data = b""
         if data == b"":
-            self.close()
+            with self._lock:
+                self.owned = False
+            self._close_when_idle()  # not re-armed: EOF would fire forever
             return
         if data:
             self._buf += data
         self._serve_owned()
 
     def resume(self) -> None:
-        """A pool thread serves frames that arrived while a model worker had our request."""
+        """A pool thread serves frames that had to wait for pending requests."""
         if not self.closed:
             self._serve_owned()
 
     def finished(self) -> None:
-        """A queued request is answered (model worker or expiry): hand the connection back."""
+        """One of our INFERs is answered: close if the peer is gone, or resume a paused frame."""
+        resume = close = False
         with self._lock:
-            self.busy = False
-            if self.owned or self.closed:
-                return  # the owning thread sees busy == False and carries on
-            if len(self._buf) < HEADER_SIZE:
-                self.server.arm(self)
+            self.pending -= 1
+            if self.closed:
                 return
-            self.owned = True
-        self.server.resume(self)
+            if self.eof:
+                close = self.pending == 0
+            elif self.paused and not self._blocked():
+                self.paused = False
+                self.owned = resume = True
+        if close:
+            self.close()
+        elif resume:
+            self.server.resume(self)
+
+    def _blocked(self) -> bool:
+        """Whether the next complete frame must wait (call with ``_lock`` held)."""
+        if not self._has_frame():
+            return False
+        if self._buf[6] == FrameType.INFER:
+            return self.pending >= _MAX_PENDING
+        return self.pending > 0
 
     def _serve_owned(self) -> None:
-        """Serve complete frames until none is left or a request is queued; then let go."""
+        """Serve complete frames until none is left or one must wait; then let go."""
         while True:
             self._serve_buffered()
             with self._lock:
-                if self.closed:
+                if self.closed or self.eof:
+                    self.owned = False
                     return
-                if self.busy:
-                    self.owned = False  # the model worker's finished() takes over
+                if self._has_frame():
+                    if not self._blocked():
+                        continue  # a request finished while we were checking
+                    self.paused = True  # finished() hands the connection back
+                    self.owned = False
                     return
-                if len(self._buf) >= HEADER_SIZE and self._complete():
-                    continue  # the worker finished while we were checking
                 self.owned = False
                 self.server.arm(self)
                 return
 
-    def _complete(self) -> bool:
-        return len(self._buf) >= HEADER_SIZE + int.from_bytes(self._buf[16:20], "little")
+    def _has_frame(self) -> bool:
+        return (len(self._buf) >= HEADER_SIZE
+                and len(self._buf) >= HEADER_SIZE + int.from_bytes(self._buf[16:20], "little"))
 
     def _serve_buffered(self) -> None:
         try:
-            while not self.busy and not self.closed and len(self._buf) >= HEADER_SIZE:
+            while not self.eof and len(self._buf) >= HEADER_SIZE:
+                with self._lock:
+                    if self._blocked():
+                        return
                 if not self._serve_one():
                     return
         except OSError as exc:  # the peer went away while we answered
             log.debug("connection of pid %d ended: %s", self.peer_pid, exc)
-            self.close()
+            self._close_when_idle()
 
     def _serve_one(self) -> bool:
         """Serve the first frame in the buffer; False when it is not complete yet."""
@@ -443,26 +583,31 @@ class _Connection:
             header = decode_header(memoryview(self._buf)[:HEADER_SIZE])
         except ProtocolError as exc:
             # The framing is lost: answer once and hang up (spec §3).
-            self._send_error(0, ErrorCode.PROTOCOL_ERROR, str(exc))
+            self.server.metrics.error("protocol_error")
+            with self._send_lock:
+                self.sock.sendall(encode_frame(FrameType.ERROR, 0, encode_error(
+                    ErrorCode.PROTOCOL_ERROR, str(exc))))
             self._hang_up()
-            self.close()
+            self._close_when_idle()
             return False
         end = HEADER_SIZE + header.body_len
         if len(self._buf) < end:
             return False
         body = bytes(self._buf[HEADER_SIZE:end])
         del self._buf[:end]
+        seq = self._next_seq
+        self._next_seq += 1
         rid = header.request_id
         try:
             check_crc(header, body)
-            self._dispatch(header, body, arrived)
+            self._dispatch(header, body, arrived, seq)
         except TensorBridgeError as exc:
-            self._send_error(rid, exc.code, str(exc))
+            self._emit_error(seq, rid, exc)
         except OSError:
             raise
         except Exception as exc:  # a server bug must not take the connection down
             log.exception("internal error on request %d", rid)
-            self._send_error(rid, ErrorCode.INTERNAL, f"internal server error: {exc!r}")
+            self._emit_error(seq, rid, InternalError(f"internal server error: {exc!r}"))
         return True
 
     def _hang_up(self) -> None:
@@ -475,26 +620,46 @@ class _Connection:
         except OSError:
             pass
 
-    def _send(self, ftype: FrameType, rid: int, body: bytes = b"") -> None:
-        self.sock.sendall(encode_frame(ftype, rid, body, self.use_crc))
+    # -- replying (any thread) ---------------------------------------------------------------
 
-    def _send_error(self, rid: int, code: int, message: str) -> None:
-        self._send(FrameType.ERROR, rid, encode_error(code, message))
+    def _emit(self, seq: int, frame: bytes, fds: list[int] | None = None) -> None:
+        """Send the reply to frame ``seq`` once every earlier reply is out."""
+        with self._send_lock:
+            self._ready[seq] = (frame, fds or [])
+            try:
+                while self._send_seq in self._ready:
+                    data, send_fds = self._ready.pop(self._send_seq)
+                    self._send_seq += 1
+                    if not self.eof:
+                        self.sock.sendall(data)
+                        if send_fds:
+                            socket.send_fds(self.sock, [FD_CARRIER], send_fds)
+            except OSError as exc:
+                log.debug("connection of pid %d: reply failed: %s", self.peer_pid, exc)
+                self.eof = True  # stop reading; close when nothing is pending
 
-    def _dispatch(self, header: Header, body: bytes, arrived: float) -> None:
+    def _frame(self, ftype: FrameType, rid: int, body: bytes = b"") -> bytes:
+        return encode_frame(ftype, rid, body, self.use_crc)
+
+    def _emit_error(self, seq: int, rid: int, exc: TensorBridgeError,
+                    model: str | None = None) -> None:
+        self.server.metrics.error(ErrorCode(exc.code).name, model)
+        self._emit(seq, self._frame(FrameType.ERROR, rid, encode_error(exc.code, str(exc))))
+
+    def _dispatch(self, header: Header, body: bytes, arrived: float, seq: int) -> None:
         ftype, rid = header.type, header.request_id
         if ftype == FrameType.INFER:
-            self._infer(rid, body, arrived)
+            self._infer(rid, body, arrived, seq)
         elif ftype == FrameType.ATTACH:
-            self._attach(rid, body)
+            self._attach(rid, body, seq)
         elif ftype == FrameType.PING:
-            self._send(FrameType.PONG, rid, self.server.status())
+            self._emit(seq, self._frame(FrameType.PONG, rid, self.server.status()))
         elif ftype == FrameType.MODELS:
-            self._send(FrameType.MODELS_OK, rid, self.server.metadata())
+            self._emit(seq, self._frame(FrameType.MODELS_OK, rid, self.server.metadata()))
         else:
             raise ProtocolError(f"frame type {ftype.name} is not a request")
 
-    def _attach(self, rid: int, body: bytearray) -> None:
+    def _attach(self, rid: int, body: bytes, seq: int) -> None:
         options, min_region = decode_attach(body)
         config = self.server.config
         if min_region > config.region_cap:
@@ -504,90 +669,114 @@ class _Connection:
         current = self.region.size if self.region else 0
         if current < max(min_region, 1):
             size = min(max(min_region, 2 * current, config.region_initial), config.region_cap)
+            size = -(-size // PAGE) * PAGE
+            self.server.reserve_shm(size - current)
+            try:
+                region = Region(size)
+            except OSError:
+                self.server.release_shm(size - current)
+                raise
             if self.region is not None:
                 self.region.close()
-                self.region = None
-            self.region = Region(size)
+            self.region = region
         self.use_crc = bool(options & OPT_CRC)
         ok = AttachOk(self.region.size, config.region_cap, MAX_BODY)
-        self._send(FrameType.ATTACH_OK, rid, encode_attach_ok(ok))
-        socket.send_fds(self.sock, [FD_CARRIER], [self.region.fd])
+        self._emit(seq, self._frame(FrameType.ATTACH_OK, rid, encode_attach_ok(ok)),
+                   [self.region.fd])
 
-    def _infer(self, rid: int, body: bytes, arrived: float) -> None:
-        """Validate an INFER here, then queue it for its model's worker."""
+    # -- inference ---------------------------------------------------------------------------
+
+    def _infer(self, rid: int, body: bytes, arrived: float, seq: int) -> None:
+        """Validate and preprocess an INFER here, then hand it to its model."""
         req = decode_infer(body)
         model = self.server.models.get(req.model)
         if model is None:
             raise ModelNotFoundError(f"model {req.model!r} is not loaded; loaded models: "
                                      f"{sorted(self.server.models)}")
-        if req.out_capacity:
-            self._check_range("output area", req.out_offset, req.out_capacity)
-        inputs = {d.name: self._input(d, req.inline) for d in req.inputs}
-        problem = model.signature.check_inputs({d.name: (d.dtype, d.shape) for d in req.inputs})
-        if problem:
-            raise InvalidInputError(f"model {model.name!r}: {problem}")
-        deadline = arrived + req.timeout_us / 1e6 if req.timeout_us else None
-        job = Job(model, inputs, deadline, arrived, self._compute, self._expired,
-                  {"rid": rid, "out": (req.out_offset, req.out_capacity),
-                   "timeout_us": req.timeout_us})
-        with self._lock:
-            self.busy = True  # before the queue sees it: a worker may finish at once
-        if not self.server.dispatch(model, job):
-            with self._lock:
-                self.busy = False
-            raise OverloadedError(f"model {model.name!r} has {model.config.max_queue} requests "
-                                  "queued (max_queue); retry later or raise max_queue")
-
-    def _compute(self, job: Job) -> None:
-        """In a model worker: run the model, write the outputs, reply, hand back."""
-        rid = job.extra["rid"]
+        if self.server.draining:
+            raise OverloadedError("the server is shutting down and takes no new requests; "
+                                  "retry against the restarted server")
         try:
-            started = job.extra["started"]
-            if job.deadline is not None and started >= job.deadline:
-                raise self._deadline_error(job)
-            outputs = job.model.predict(job.inputs)
-            job.inputs.clear()  # drop the views into the region before it can be replaced
+            if req.out_capacity:
+                self._check_range("output area", req.out_offset, req.out_capacity)
+            inputs = {d.name: self._input(d, req.inline) for d in req.inputs}
+            problem = model.signature.check_inputs(
+                {d.name: (d.dtype, d.shape) for d in req.inputs})
+            if problem:
+                raise InvalidInputError(f"model {model.name!r}: {problem}")
+            t0 = time.monotonic()
+            inputs = model.preprocess(inputs)
+            preprocess_s = time.monotonic() - t0
+        except TensorBridgeError as exc:
+            self._emit_error(seq, rid, exc, model.name)
+            self._count(model.name, ErrorCode(exc.code).name.lower(), 0, 0, 0,
+                        time.monotonic() - arrived)
+            return
+        deadline = arrived + req.timeout_us / 1e6 if req.timeout_us else None
+        queue = self.server.queue(model.name)
+        rows, key = batch_key(inputs) if queue.batching else (None, None)
+        job = Job(model, inputs, deadline, arrived, self._complete,
+                  {"rid": rid, "seq": seq, "out": (req.out_offset, req.out_capacity),
+                   "timeout_us": req.timeout_us, "preprocess_s": preprocess_s},
+                  rows=rows, key=key)
+        with self._lock:
+            self.pending += 1  # before the queue sees it: a worker may finish at once
+        self.server.metrics.in_flight(1)
+        if not self.server.dispatch(model, job):
+            job.finish(OverloadedError(
+                f"model {model.name!r} has {model.config.max_queue} requests queued "
+                "(max_queue); retry later or raise max_queue"), 0)
+
+    def _complete(self, job: Job, outcome: dict[str, Any] | TensorBridgeError,
+                  batch_rows: int) -> None:
+        """In the thread that ran the job: postprocess, write the outputs, reply."""
+        rid, seq = job.extra["rid"], job.extra["seq"]
+        model = job.model
+        status = "ok"
+        try:
+            if isinstance(outcome, TensorBridgeError):
+                raise outcome
+            t0 = time.monotonic()
+            outputs = model.postprocess(outcome)
+            t1 = time.monotonic()
             reply = self._place_outputs(outputs, *job.extra["out"])
             done = time.monotonic()
-            reply.queue_us = int((started - job.arrived) * 1e6)
-            reply.compute_us = int((done - started) * 1e6)
-            self._send(FrameType.INFER_OK, rid, encode_infer_ok(reply))
+            pre_s = job.extra["preprocess_s"] + (t1 - t0)
+            reply.queue_us = int((job.started - job.arrived) * 1e6)
+            reply.compute_us = int((done - job.started - (t1 - t0)) * 1e6)
+            reply.preprocess_us = int(pre_s * 1e6)
+            reply.batch_size = batch_rows
+            frame = self._frame(FrameType.INFER_OK, rid, encode_infer_ok(reply))
+            self._count(model.name, status, job.started - job.arrived, pre_s,
+                        done - job.started - (t1 - t0), done - job.arrived)
             slow = self.server.config.slow_ms
             if slow and (done - job.arrived) * 1000 > slow:
                 log.warning("slow request: model %r took %.1f ms (queued %.1f ms)",
-                            job.model.name, (done - job.arrived) * 1000,
-                            (started - job.arrived) * 1000)
+                            model.name, (done - job.arrived) * 1000,
+                            (job.started - job.arrived) * 1000,
+                            extra={"model": model.name, "rid": rid,
+                                   "total_ms": round((done - job.arrived) * 1000, 3),
+                                   "queue_ms": round((job.started - job.arrived) * 1000, 3)})
         except TensorBridgeError as exc:
-            self._reply_error(rid, exc)
-        except OSError as exc:
-            log.debug("connection of pid %d ended: %s", self.peer_pid, exc)
+            status = ErrorCode(exc.code).name.lower()
+            self.server.metrics.error(status, model.name)
+            frame = self._frame(FrameType.ERROR, rid, encode_error(exc.code, str(exc)))
+            self._count(model.name, status, 0, 0, 0, time.monotonic() - job.arrived)
         except Exception as exc:
             log.exception("internal error on request %d", rid)
-            self._reply_error(rid, TensorBridgeError(f"internal server error: {exc!r}"))
+            self.server.metrics.error("internal", model.name)
+            frame = self._frame(FrameType.ERROR, rid, encode_error(
+                ErrorCode.INTERNAL, f"internal server error: {exc!r}"))
         finally:
-            job.inputs.clear()
-            if job.extra.get("inline"):
-                with self._lock:
-                    self.busy = False  # we ran in the owning thread, which carries on
-            else:
-                self.finished()
-
-    def _expired(self, job: Job) -> None:
-        """In the I/O thread: the job's deadline passed while it was queued."""
-        job.inputs.clear()
-        self._reply_error(job.extra["rid"], self._deadline_error(job))
+            job.inputs.clear()  # drop the views into the region before it can be replaced
+        self._emit(seq, frame)
+        self.server.metrics.in_flight(-1)
         self.finished()
 
-    def _deadline_error(self, job: Job) -> DeadlineExceededError:
-        return DeadlineExceededError(
-            f"the request's deadline ({job.extra['timeout_us'] / 1000:.1f} ms) passed before "
-            f"model {job.model.name!r} could run; it was not computed")
-
-    def _reply_error(self, rid: int, exc: TensorBridgeError) -> None:
-        try:
-            self._send_error(rid, exc.code, str(exc))
-        except OSError:
-            pass  # the peer is gone; the I/O thread notices on resume
+    def _count(self, model: str, status: str, queue_s: float, pre_s: float, compute_s: float,
+               total_s: float) -> None:
+        self.server.metrics.request_done(model, status, queue_s=queue_s, preprocess_s=pre_s,
+                                         compute_s=compute_s, total_s=total_s)
 
     def _check_range(self, what: str, offset: int, nbytes: int) -> None:
         if self.region is None:
