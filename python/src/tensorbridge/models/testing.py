@@ -44,6 +44,24 @@ class _Head(nn.Module):
         return x.reshape(x.shape[0], -1)[:, :1000] + 1.0
 
 
+class _Rows(nn.Module):
+    tensorbridge_signature = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]},
+                    {"name": "rows", "datatype": "INT64", "shape": [-1]}]}
+
+    def __init__(self, ms: float = 10.0) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ms:
+            time.sleep(self.ms / 1000.0)  # a fixed cost per call, as on a GPU: batching pays
+        if bool((x[:, 0] < 0).any()):
+            raise ValueError("rows: a negative first column is this model's test failure")
+        return x * 2 + 1, torch.full((x.shape[0],), x.shape[0], dtype=torch.int64)
+
+
 def echo() -> nn.Module:
     """Returns every input unchanged, under the same name (any names, types and shapes)."""
     return _Echo()
@@ -57,6 +75,12 @@ def sleep() -> nn.Module:
 def fail() -> nn.Module:
     """Always raises ``ValueError``: for error-path tests."""
     return _Fail()
+
+
+def rows(ms: float = 10.0) -> nn.Module:
+    """``y = 2x + 1`` row by row for ``x`` [-1, 4], and ``rows`` = how many rows the call
+    computed (to see dynamic batching); sleeps ``ms`` per call; raises on a negative x[:, 0]."""
+    return _Rows(ms)
 
 
 def head() -> nn.Module:
