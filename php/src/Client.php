@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 namespace TensorBridge;
 
+use TensorBridge\Exception\CircuitOpenException;
 use TensorBridge\Exception\ConnectionException;
 use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\PayloadTooLargeException;
@@ -13,12 +14,16 @@ use TensorBridge\Exception\TimeoutException;
 use TensorBridge\Exception\UnauthorizedException;
 use TensorBridge\Internal\AttachOk;
 use TensorBridge\Internal\AttachRequest;
+use TensorBridge\Internal\CircuitBreaker;
+use TensorBridge\Internal\Classification;
 use TensorBridge\Internal\Connection;
 use TensorBridge\Internal\ErrorMapper;
 use TensorBridge\Internal\ErrorReply;
+use TensorBridge\Internal\FileBreakerStore;
 use TensorBridge\Internal\FrameHeader;
 use TensorBridge\Internal\InferRequest;
 use TensorBridge\Internal\InferResponse;
+use TensorBridge\Internal\MemoryBreakerStore;
 use TensorBridge\Internal\Region;
 use TensorBridge\Internal\TensorDescriptor;
 use TensorBridge\Internal\Wire;
@@ -49,6 +54,14 @@ final class Client
     private ?array $lastTiming = null;
     /** @var array<string, array<string, mixed>>|null model metadata by name */
     private ?array $modelIndex = null;
+    private ?string $lastNotice = null;
+    private readonly CircuitBreaker $breaker;
+    /** the deadline (hrtime ns) of the public call under way; bounds connection set-up retries */
+    private int $callDeadline = 0;
+    /** true once the call under way read a frame from the server (it is up) */
+    private bool $answered = false;
+    /** a connection-level failure that a batch call reported per item instead of throwing */
+    private ?TensorBridgeException $callFailure = null;
 
     /**
      * @param string|null $socketPath null: $TENSORBRIDGE_SOCKET, else the default of spec §1
@@ -56,6 +69,15 @@ final class Client
      * @param bool $persistent reuse one connection per PHP worker process (PHP-FPM) across requests
      * @param bool $checksums CRC-32C on every frame and tensor (spec §9)
      * @param int $spinMicros poll without sleeping for this long before blocking on a reply (spec §8)
+     * @param int $connectAttempts connection set-up attempts per call while the server is not
+     *        accepting (no socket file, connection refused); 1 = no retry. Never more than the timeout allows.
+     * @param float $connectBackoff seconds before the second attempt, doubled for each further one
+     *        (at most 0.5 s, with jitter)
+     * @param int $breakerThreshold consecutive calls that failed to connect or timed out after which
+     *        calls fail fast with CircuitOpenException; 0 turns the circuit breaker off
+     * @param float $breakerCoolDown seconds the circuit stays open before one call probes the server
+     * @param string|null $breakerStateDir a directory private to this user (mode 0700) for the breaker
+     *        state shared by all PHP processes of this user; null: sys_get_temp_dir()/tensorbridge-<euid>
      */
     public function __construct(
         ?string $socketPath = null,
@@ -63,6 +85,11 @@ final class Client
         private readonly bool $persistent = true,
         private readonly bool $checksums = false,
         private readonly int $spinMicros = 0,
+        private readonly int $connectAttempts = 3,
+        private readonly float $connectBackoff = 0.02,
+        int $breakerThreshold = 5,
+        float $breakerCoolDown = 5.0,
+        ?string $breakerStateDir = null,
     ) {
         if (!($timeout > 0.0) || is_infinite($timeout)) {
             throw new \InvalidArgumentException('timeout must be a positive number of seconds');
@@ -70,8 +97,22 @@ final class Client
         if ($spinMicros < 0) {
             throw new \InvalidArgumentException('spinMicros must be >= 0');
         }
+        if ($connectAttempts < 1) {
+            throw new \InvalidArgumentException('connectAttempts must be >= 1 (1 = no retry)');
+        }
+        if (!($connectBackoff >= 0.0) || is_infinite($connectBackoff)) {
+            throw new \InvalidArgumentException('connectBackoff must be a number of seconds >= 0');
+        }
         $this->socketPath = $socketPath ?? self::defaultSocketPath();
         $this->nextId = random_int(1, 2 ** 40);
+        $this->breaker = new CircuitBreaker(
+            $breakerThreshold === 0
+                ? new MemoryBreakerStore('off')
+                : FileBreakerStore::forSocket($this->socketPath, $breakerStateDir),
+            $this->socketPath,
+            $breakerThreshold,
+            $breakerCoolDown,
+        );
     }
 
     /**
@@ -137,7 +178,14 @@ final class Client
         return $this->guard(function () use ($model, $inputs): array {
             $deadline = $this->deadline();
             $tensors = $this->prepareInputs($model, $inputs, $deadline);
-            return $this->runPipeline($model, [$tensors], $deadline, true)[0];
+            [$answers, $failure] = $this->pipeline($model, [$tensors], $deadline, true);
+            if ($failure !== null) {
+                throw $failure;
+            }
+            if ($answers[0] instanceof TensorBridgeException) {
+                throw $answers[0];
+            }
+            return $answers[0];
         });
     }
 
@@ -146,6 +194,7 @@ final class Client
      * requests sent before the replies are read (spec §8). The timeout applies to the whole call.
      *
      * If some requests fail on the server, all replies are still read, then the first error is thrown.
+     * inferBatch() reports each item's error separately instead.
      *
      * @param list<array<string, Tensor|array<mixed>|int|float|bool|string>> $listOfInputs
      * @return list<array<string, Tensor>> one result per input set, in order
@@ -167,26 +216,143 @@ final class Client
                 }
                 $requests[] = $this->prepareInputs($model, $inputs, $deadline);
             }
-            if ($this->region === null) {
-                $this->attach(0, $deadline);
-            }
-            $limit = max($this->region?->size ?? 0, $this->regionCap);
             $results = [];
-            $batch = [];
-            $batchBytes = 0;
-            foreach ($requests as $tensors) {
-                $bytes = $this->footprint($model, $tensors, false);
-                if ($batch !== [] && $batchBytes + $bytes > $limit) {
-                    array_push($results, ...$this->runPipeline($model, $batch, $deadline, false));
-                    $batch = [];
-                    $batchBytes = 0;
+            $firstError = null;
+            foreach ($this->chunks($model, $requests, $deadline) as $chunk) {
+                [$answers, $failure] = $this->pipeline($model, array_values($chunk), $deadline, false);
+                if ($failure !== null) {
+                    throw $failure;
                 }
-                $batch[] = $tensors;
-                $batchBytes += $bytes;
+                foreach ($answers as $answer) {
+                    if ($answer instanceof TensorBridgeException) {
+                        $firstError ??= $answer;
+                    } else {
+                        $results[] = $answer;
+                    }
+                }
             }
-            array_push($results, ...$this->runPipeline($model, $batch, $deadline, false));
+            if ($firstError !== null) {
+                throw $firstError;
+            }
             return $results;
         });
+    }
+
+    /**
+     * Runs several inferences on one model and reports each one's outcome separately.
+     *
+     * Every item is its own INFER request; all are pipelined on this client's connection (the
+     * server's dynamic batcher may merge them, and other clients' requests, into one forward pass).
+     * An error in one item (bad input, model error, ...) fails that item only. When the connection
+     * fails or the deadline passes mid-batch, the items already answered keep their results and
+     * every unanswered item gets that ConnectionException / TimeoutException: an item that was
+     * sent may have run on the server, and nothing is ever re-sent. This method does not throw
+     * TensorBridgeException: even when nothing could be sent (server down, circuit open) every
+     * item carries the error.
+     *
+     * @template K of array-key
+     * @param array<K, array<string, Tensor|array<mixed>|int|float|bool|string>> $listOfInputs
+     * @return array<K, BatchResult> one result per item, same keys and order; value(): array<string, Tensor>
+     */
+    public function inferBatch(string $model, array $listOfInputs): array
+    {
+        return array_map(
+            static fn (array|TensorBridgeException $o): BatchResult => $o instanceof TensorBridgeException
+                ? BatchResult::failure($o)
+                : BatchResult::success($o),
+            $this->runBatch($model, $listOfInputs),
+        );
+    }
+
+    /**
+     * Classifies one encoded image (JPEG, PNG, ... as the model accepts) with an image-classifier
+     * model (input "image" BYTES [N]; outputs "scores" [N, k], "indices" [N, k], "labels" [N*k],
+     * optional "notice" [N]).
+     *
+     * @param string $image the encoded image file's bytes
+     * @param int $topK how many classes to return, best first; at most the model's k (its top_k)
+     * @return list<array{label: string, score: float, index: int}> best first
+     * @throws InvalidInputException when the image cannot be decoded, or topK is out of range
+     */
+    public function classify(string $model, string $image, int $topK = 5): array
+    {
+        Classification::checkTopK($topK, $this->knownTopK($model), $model);
+        $outputs = $this->infer($model, [Classification::INPUT => Classification::imageTensor($image)]);
+        $result = Classification::fromOutputs($outputs, $topK, $model);
+        $this->lastNotice = $result->notice;
+        return $result->rows[0] ?? throw new ProtocolException(sprintf(
+            'model "%s" returned no rows for one image',
+            $model,
+        ));
+    }
+
+    /**
+     * classify() for several images, as one pipelined batch (see inferBatch() for how errors are
+     * reported: per item, never mixed up between items).
+     *
+     * @template K of array-key
+     * @param array<K, string> $images encoded image files
+     * @return array<K, BatchResult> same keys and order; value(): list<array{label: string, score: float, index: int}>
+     */
+    public function classifyBatch(string $model, array $images, int $topK = 5): array
+    {
+        try {
+            Classification::checkTopK($topK, $this->knownTopK($model), $model);
+        } catch (InvalidInputException $e) {
+            return array_map(static fn (): BatchResult => BatchResult::failure($e), $images);
+        }
+        $inputs = [];
+        $results = [];
+        foreach ($images as $key => $image) {
+            if (!is_string($image)) {
+                $results[$key] = BatchResult::failure(new InvalidInputException(sprintf(
+                    'classifyBatch() item %s is %s; pass the encoded image file as a string',
+                    var_export($key, true),
+                    get_debug_type($image),
+                )));
+                continue;
+            }
+            $inputs[$key] = [Classification::INPUT => Classification::imageTensor($image)];
+        }
+        $notice = null;
+        foreach ($this->runBatch($model, $inputs) as $key => $outcome) {
+            if ($outcome instanceof TensorBridgeException) {
+                $results[$key] = BatchResult::failure($outcome);
+                continue;
+            }
+            try {
+                $result = Classification::fromOutputs($outcome, $topK, $model);
+                $notice ??= $result->notice;
+                $results[$key] = BatchResult::success($result->rows[0] ?? []);
+            } catch (TensorBridgeException $e) {
+                $results[$key] = BatchResult::failure($e);
+            }
+        }
+        $this->lastNotice = $notice;
+        $ordered = [];
+        foreach ($images as $key => $_) {
+            $ordered[$key] = $results[$key];
+        }
+        return $ordered;
+    }
+
+    /**
+     * The notice the model attached to the last classify()/classifyBatch() answer, e.g. that it
+     * runs with random weights so its labels mean nothing; null when it attached none.
+     */
+    public function lastNotice(): ?string
+    {
+        return $this->lastNotice;
+    }
+
+    /**
+     * The circuit breaker's state for this socket: 'closed' (calls go through), 'open' (calls
+     * fail fast with CircuitOpenException) or 'half-open' (the next call probes the server).
+     * Shared by all Clients of this user for the same socket path (see the constructor).
+     */
+    public function breakerState(): string
+    {
+        return $this->breaker->state();
     }
 
     /**
@@ -222,27 +388,61 @@ final class Client
     }
 
     /**
-     * Translates failures at the one boundary: lost connections/framing drop the connection.
+     * Runs one public call: consults the circuit breaker, translates failures at the one
+     * boundary (lost connections/framing drop the connection) and tells the breaker the outcome.
      *
      * @template T
      * @param callable(): T $fn
      * @return T
+     * @throws CircuitOpenException while the breaker is open (nothing is sent)
      */
     private function guard(callable $fn): mixed
     {
+        $probe = $this->breaker->admit($this->timeout + 1.0);
+        $this->answered = false;
+        $this->callFailure = null;
+        $this->callDeadline = $this->deadline();
         try {
-            return $fn();
+            $result = $fn();
         } catch (ConnectionException | ProtocolException $e) {
+            $this->settle($probe, $e);
             $this->dropConnection();
             throw $e;
         } catch (TensorBridgeException $e) {
+            $this->settle($probe, $e);
             if ($this->conn !== null && !$this->conn->isOpen()) {
                 $this->dropConnection();
             }
             throw $e;
         } catch (\Throwable $e) {
+            $this->breaker->recordNeutral($probe);
             $this->dropConnection();
             throw $e;
+        }
+        $failure = $this->callFailure;
+        $this->callFailure = null;
+        $this->settle($probe, $failure);
+        if ($failure instanceof ConnectionException || $failure instanceof ProtocolException) {
+            $this->dropConnection();
+        }
+        return $result;
+    }
+
+    /**
+     * Tells the breaker how the call ended: connection failures and timeouts count against the
+     * server; any frame from it proves it is up; anything else (a local input error) says nothing.
+     */
+    private function settle(bool $probe, ?TensorBridgeException $e): void
+    {
+        $down = $e instanceof TimeoutException
+            || ($e instanceof ConnectionException && !$e instanceof UnauthorizedException);
+        if ($down) {
+            // the first sentence: the CircuitOpenException message adds its own advice
+            $this->breaker->recordFailure($probe, preg_split('/\.\s/', $e->getMessage(), 2)[0]);
+        } elseif ($this->answered) {
+            $this->breaker->recordSuccess($probe);
+        } else {
+            $this->breaker->recordNeutral($probe);
         }
     }
 
@@ -255,7 +455,14 @@ final class Client
     {
         if ($this->conn === null || !$this->conn->isOpen()) {
             $this->dropConnection();
-            $this->conn = Connection::open($this->socketPath, $this->timeout, $this->persistent);
+            $this->conn = Connection::open(
+                $this->socketPath,
+                $this->timeout,
+                $this->persistent,
+                $this->connectAttempts,
+                $this->connectBackoff,
+                $this->callDeadline > 0 ? $this->callDeadline : $this->deadline(),
+            );
             $this->untested = $this->persistent;
             $this->synced = false;
         }
@@ -362,6 +569,7 @@ final class Client
     private function nextFrame(int $deadline): ?array
     {
         [$header, $body] = $this->connection()->readFrame($deadline, $this->spinMicros);
+        $this->answered = true;
         $rid = $header->requestId;
         if (isset($this->abandoned[$rid])) {
             unset($this->abandoned[$rid]);
@@ -466,12 +674,137 @@ final class Client
     }
 
     /**
+     * Splits requests into groups whose region footprint fits the region (each group is one pipeline).
+     *
+     * @template K of array-key
+     * @param array<K, array<string, Tensor>> $requests
+     * @return list<array<K, array<string, Tensor>>>
+     */
+    private function chunks(string $model, array $requests, int $deadline): array
+    {
+        if ($requests === []) {
+            return [];
+        }
+        if ($this->region === null) {
+            $this->attach(0, $deadline);
+        }
+        $limit = max($this->region?->size ?? 0, $this->regionCap);
+        $chunks = [];
+        $chunk = [];
+        $chunkBytes = 0;
+        foreach ($requests as $key => $tensors) {
+            $bytes = $this->footprint($model, $tensors, false);
+            if ($chunk !== [] && $chunkBytes + $bytes > $limit) {
+                $chunks[] = $chunk;
+                $chunk = [];
+                $chunkBytes = 0;
+            }
+            $chunk[$key] = $tensors;
+            $chunkBytes += $bytes;
+        }
+        $chunks[] = $chunk;
+        return $chunks;
+    }
+
+    /**
+     * The engine of inferBatch()/classifyBatch(): every item's outputs or its own exception.
+     *
+     * @template K of array-key
+     * @param array<K, mixed> $listOfInputs
+     * @return array<K, array<string, Tensor>|TensorBridgeException> same keys and order
+     */
+    private function runBatch(string $model, array $listOfInputs): array
+    {
+        $outcomes = [];
+        try {
+            $this->guard(function () use ($model, $listOfInputs, &$outcomes): void {
+                $deadline = $this->deadline();
+                $requests = [];
+                foreach ($listOfInputs as $key => $inputs) {
+                    if (!is_array($inputs)) {
+                        $outcomes[$key] = new InvalidInputException(sprintf(
+                            'batch item %s is %s; pass an array of inputs (input name => tensor)',
+                            var_export($key, true),
+                            get_debug_type($inputs),
+                        ));
+                        continue;
+                    }
+                    try {
+                        $requests[$key] = $this->prepareInputs($model, $inputs, $deadline);
+                    } catch (InvalidInputException $e) {
+                        $outcomes[$key] = $e; // this item's own mistake: the others still run
+                    }
+                }
+                $failure = null;
+                foreach ($this->chunks($model, $requests, $deadline) as $chunk) {
+                    $keys = array_keys($chunk);
+                    if ($failure !== null) {
+                        foreach ($keys as $key) {
+                            $outcomes[$key] = self::notSent($failure, $key);
+                        }
+                        continue;
+                    }
+                    [$answers, $failure] = $this->pipeline($model, array_values($chunk), $deadline, false);
+                    foreach ($keys as $i => $key) {
+                        $outcomes[$key] = $answers[$i] ?? self::unanswered($failure, $key, $model);
+                    }
+                }
+                $this->callFailure = $failure;
+            });
+        } catch (TensorBridgeException $e) {
+            // failed before these items were sent (circuit open, cannot connect or attach): safe to retry
+            foreach ($listOfInputs as $key => $_) {
+                $outcomes[$key] ??= $e;
+            }
+        }
+        $ordered = [];
+        foreach ($listOfInputs as $key => $_) {
+            $ordered[$key] = $outcomes[$key];
+        }
+        return $ordered;
+    }
+
+    /**
+     * The error of a batch item that was sent but not answered before the connection failed or the deadline passed.
+     */
+    private static function unanswered(?TensorBridgeException $failure, int|string $key, string $model): TensorBridgeException
+    {
+        $failure ??= new ProtocolException(sprintf('model "%s" did not answer batch item %s', $model, $key));
+        $message = sprintf('batch item %s was sent but not answered: %s', var_export($key, true), $failure->getMessage());
+        return match (true) {
+            $failure instanceof TimeoutException => new TimeoutException($message, $failure->getTimeout(), null, $failure),
+            $failure instanceof ConnectionException => new ConnectionException($message, null, $failure),
+            default => new ProtocolException($message, null, $failure),
+        };
+    }
+
+    /**
+     * The error of a batch item that was never sent because the batch failed earlier.
+     */
+    private static function notSent(TensorBridgeException $failure, int|string $key): TensorBridgeException
+    {
+        $message = sprintf(
+            'batch item %s was not sent (safe to retry): an earlier part of the batch failed: %s',
+            var_export($key, true),
+            $failure->getMessage(),
+        );
+        return $failure instanceof TimeoutException
+            ? new TimeoutException($message, $failure->getTimeout(), null, $failure)
+            : new ConnectionException($message, null, $failure);
+    }
+
+    /**
      * Lays out, sends and collects a pipeline of INFER requests.
      *
+     * Returns every answer read (outputs, or the server's error for that request) by request index,
+     * and the failure that ended the pipeline early (connection lost, framing lost, deadline passed),
+     * after which the remaining requests have no answer. Such requests were sent and may have run;
+     * they are never re-sent. Throws only when nothing was sent.
+     *
      * @param list<array<string, Tensor>> $requests
-     * @return list<array<string, Tensor>>
+     * @return array{0: array<int, array<string, Tensor>|TensorBridgeException>, 1: TensorBridgeException|null}
      */
-    private function runPipeline(string $model, array $requests, int $deadline, bool $single): array
+    private function pipeline(string $model, array $requests, int $deadline, bool $single): array
     {
         $need = 0;
         $outAreas = [];
@@ -514,10 +847,18 @@ final class Client
             $frames .= Wire::encodeFrame(Wire::INFER, $id, $body, $this->checksums);
         }
         $conn = $this->connection();
-        $conn->send($frames, $deadline);
+        try {
+            $conn->send($frames, $deadline);
+        } catch (TimeoutException $e) {
+            if ($conn->isOpen()) {
+                throw $e; // not a byte was sent: the connection is intact and nothing is in flight
+            }
+            return [[], $this->inFlight($e, $model, count($plans))];
+        } catch (ConnectionException $e) {
+            return [[], $this->inFlight($e, $model, count($plans))];
+        }
 
-        $results = [];
-        $firstError = null;
+        $answers = [];
         foreach ($plans as $k => [$id, , , $outOffset, $capacity]) {
             try {
                 $reply = $this->awaitReply($id, $deadline, $model);
@@ -530,31 +871,47 @@ final class Client
                     'preprocess_us' => $reply->preprocessUs,
                     'batch_size' => $reply->batchSize,
                 ];
-                $results[] = $this->readOutputs($reply, $outOffset, $capacity);
+                $answers[$k] = $this->readOutputs($reply, $outOffset, $capacity);
             } catch (TensorBridgeException $e) {
-                $serverError = $e->getErrorCode() !== null && $conn->isOpen();
-                if ($serverError) {
-                    $firstError ??= $e;
+                if ($e->getErrorCode() !== null && $conn->isOpen()) {
+                    $answers[$k] = $e; // the server's answer to this request; the others carry on
                     continue;
                 }
                 if ($e instanceof TimeoutException && $conn->isOpen()) {
                     foreach (array_slice($plans, $k) as [$lateId, $start, $end]) {
                         $this->abandoned[$lateId] = [$start, $end];
                     }
-                    throw new TimeoutException(sprintf(
+                    return [$answers, new TimeoutException(sprintf(
                         'inference on model "%s" timed out after %.3f s; the server may still finish it'
                         . ' (its late reply will be discarded). Raise the timeout or check the server load.',
                         $model,
                         $this->timeout,
-                    ), $this->timeout, null, $e);
+                    ), $this->timeout, null, $e)];
                 }
-                throw $e;
+                if ($e instanceof ConnectionException && !$e instanceof UnauthorizedException) {
+                    return [$answers, $this->inFlight($e, $model, count($plans) - $k)];
+                }
+                return [$answers, $e];
             }
         }
-        if ($firstError !== null) {
-            throw $firstError;
-        }
-        return $results;
+        return [$answers, null];
+    }
+
+    /**
+     * A connection failure while requests were in flight: says that they were not re-sent.
+     */
+    private function inFlight(TensorBridgeException $e, string $model, int $count): ConnectionException
+    {
+        return new ConnectionException(sprintf(
+            '%s while %s to model "%s" %s in flight. %s not re-sent (%s may have run);'
+            . ' retry only if running it twice is harmless.',
+            rtrim($e->getMessage(), '.'),
+            $count === 1 ? 'a request' : $count . ' requests',
+            $model,
+            $count === 1 ? 'was' : 'were',
+            $count === 1 ? 'It was' : 'They were',
+            $count === 1 ? 'it' : 'they',
+        ), $e->getErrorCode(), $e);
     }
 
     /**
@@ -717,6 +1074,15 @@ final class Client
             }
         }
         return $out;
+    }
+
+    /**
+     * The classifier's k from the cached signature, when known (no round trip to learn it).
+     */
+    private function knownTopK(string $model): ?int
+    {
+        $meta = $this->modelIndex[$model] ?? null;
+        return Classification::kFromMetadata(is_array($meta) ? $meta : null);
     }
 
     private function signatureDtype(string $model, string $input, int $deadline): ?DType

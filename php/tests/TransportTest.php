@@ -18,6 +18,8 @@ use TensorBridge\Internal\TensorDescriptor;
 use TensorBridge\Internal\Wire;
 use TensorBridge\Tensor;
 
+require_once __DIR__ . '/TempDir.php';
+
 /**
  * Drives the real Connection/Region/Client code against a scripted fake server in a forked process
  * (the region is a temporary file passed with SCM_RIGHTS, as the real server passes its memfd).
@@ -29,9 +31,16 @@ final class TransportTest extends TestCase
 {
     private string $path = '';
     private int $pid = 0;
+    private string $stateDir = '';
+
+    protected function setUp(): void
+    {
+        $this->stateDir = TempDir::create('tb-breaker');
+    }
 
     protected function tearDown(): void
     {
+        TempDir::remove($this->stateDir);
         if ($this->pid > 0) {
             posix_kill($this->pid, SIGKILL);
             pcntl_waitpid($this->pid, $status);
@@ -44,7 +53,7 @@ final class TransportTest extends TestCase
     public function testEchoThroughTheRegionAndInline(): void
     {
         $this->serve(['echo']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
         $out = $client->infer('echo', ['a' => Tensor::fromArray([[1.5, -2.0]], 'float32'), 'b' => ['x', 'yz']]);
         self::assertSame([[1.5, -2.0]], $out['a']->toArray());
         self::assertSame(['x', 'yz'], $out['b']->toArray());
@@ -57,21 +66,21 @@ final class TransportTest extends TestCase
     public function testStaleRepliesBeforeAttachOkAreDropped(): void
     {
         $this->serve(['stale', 'echo']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
         self::assertSame([7], $client->infer('echo', ['v' => [7]])['v']->toArray());
     }
 
     public function testChecksummedConnection(): void
     {
         $this->serve(['echo']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false, checksums: true);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir, checksums: true);
         self::assertSame([true, false], $client->infer('echo', ['v' => [true, false]])['v']->toArray());
     }
 
     public function testTimeoutKeepsTheConnectionAndDropsTheLateReply(): void
     {
         $this->serve(['slow']);
-        $client = new Client($this->path, timeout: 0.2, persistent: false);
+        $client = new Client($this->path, timeout: 0.2, persistent: false, breakerStateDir: $this->stateDir);
         try {
             $client->infer('echo', ['v' => [1]]);
             self::fail('expected a timeout');
@@ -85,7 +94,7 @@ final class TransportTest extends TestCase
     public function testServerErrorKeepsTheConnection(): void
     {
         $this->serve(['error', 'echo']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
         try {
             $client->infer('nope', ['v' => [1]]);
             self::fail('expected ModelNotFoundException');
@@ -98,7 +107,7 @@ final class TransportTest extends TestCase
     public function testGarbageIsAProtocolError(): void
     {
         $this->serve(['garbage']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
         $this->expectException(ProtocolException::class);
         $client->infer('echo', ['v' => [1]]);
     }
@@ -106,7 +115,7 @@ final class TransportTest extends TestCase
     public function testServerDeathIsAConnectionError(): void
     {
         $this->serve(['die']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
         $this->expectException(ConnectionException::class);
         $this->expectExceptionMessage('closed the connection');
         $client->infer('echo', ['v' => [1]]);

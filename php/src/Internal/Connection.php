@@ -32,10 +32,56 @@ final class Connection
     ) {
     }
 
+    /** connect() errors worth retrying: the server is (re)starting or its backlog is full */
+    private const TRANSIENT_ERRNOS = [SOCKET_ENOENT, SOCKET_ECONNREFUSED, SOCKET_EAGAIN, SOCKET_EINTR, SOCKET_ETIMEDOUT];
+    /** the longest pause between two connection attempts, in seconds */
+    private const MAX_BACKOFF = 0.5;
+
     /**
      * Connects to the server's socket; persistent streams are shared across requests of a PHP worker.
+     *
+     * Set-up is retried: up to $attempts connects, pausing $backoff seconds before the second,
+     * doubling each time (at most 0.5 s, with jitter so that many workers do not retry in step),
+     * never past $deadline (hrtime ns). Only errors that a (re)starting server causes are retried
+     * (no socket file yet, connection refused); nothing has been sent at this point.
      */
-    public static function open(string $path, float $timeout, bool $persistent): self
+    public static function open(
+        string $path,
+        float $timeout,
+        bool $persistent,
+        int $attempts = 1,
+        float $backoff = 0.0,
+        ?int $deadline = null,
+    ): self {
+        $started = hrtime(true);
+        $delay = $backoff;
+        for ($attempt = 1; ; $attempt++) {
+            $result = self::connectOnce($path, $timeout, $persistent);
+            if ($result instanceof self) {
+                return $result;
+            }
+            [$errno, $reason] = $result;
+            $left = $deadline === null ? PHP_INT_MAX : $deadline - hrtime(true);
+            $pause = (int) round($delay * (0.5 + mt_rand() / mt_getrandmax() / 2) * 1e9);
+            if ($attempt >= $attempts || !in_array($errno, self::TRANSIENT_ERRNOS, true) || $pause >= $left) {
+                $tries = $attempt === 1 ? '' : sprintf(
+                    ' (%d attempts over %.2f s)',
+                    $attempt,
+                    (hrtime(true) - $started) / 1e9,
+                );
+                throw self::connectError($path, $reason . $tries);
+            }
+            usleep(intdiv($pause, 1000));
+            $delay = min($delay * 2, self::MAX_BACKOFF);
+        }
+    }
+
+    /**
+     * One connect attempt: the connection, or [errno, reason].
+     *
+     * @return self|array{0: int, 1: string}
+     */
+    private static function connectOnce(string $path, float $timeout, bool $persistent): self|array
     {
         if ($persistent && !isset(self::$persistentInUse[$path])) {
             $errno = 0;
@@ -48,7 +94,7 @@ final class Connection
                 STREAM_CLIENT_CONNECT | STREAM_CLIENT_PERSISTENT,
             );
             if ($stream === false) {
-                throw self::connectError($path, $errstr !== '' ? $errstr : 'error ' . $errno);
+                return [$errno, $errstr !== '' ? $errstr : 'error ' . $errno];
             }
             $socket = @socket_import_stream($stream);
             if ($socket === false) {
@@ -63,9 +109,9 @@ final class Connection
             throw new ConnectionException('cannot create a Unix socket: ' . socket_strerror(socket_last_error()));
         }
         if (!@socket_connect($socket, $path)) {
-            $err = socket_strerror(socket_last_error($socket));
+            $errno = socket_last_error($socket);
             socket_close($socket);
-            throw self::connectError($path, $err);
+            return [$errno, socket_strerror($errno)];
         }
         return new self($socket, null, $path, $timeout);
     }
