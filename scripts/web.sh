@@ -33,7 +33,7 @@ live_pid() {
   local name=$1 pattern=$2 pid
   [[ -s $RUN/$name.pid ]] || return 1
   pid=$(tr -dc 0-9 <"$RUN/$name.pid")
-  [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
+  [[ -n $pid ]] && alive "$pid" || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$pattern" || return 1
   echo "$pid"
 }
@@ -42,11 +42,19 @@ server_pid() { live_pid server "tensorbridge serve"; }
 fpm_pid() { live_pid php-fpm "php-fpm"; }
 nginx_pid() { live_pid nginx "nginx"; }
 
+# True while the process runs. A daemon that exited stays a zombie until its parent (init,
+# since the daemons outlive this script) reaps it, which can take seconds: that counts as gone.
+alive() {
+  local state
+  state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1) || return 1
+  [[ -n $state && $state != Z ]]
+}
+
 stop_one() {
   local name=$1 pid=$2 i
   kill -TERM "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 100; i++)); do   # up to 10 s for a clean exit, then SIGKILL
-    kill -0 "$pid" 2>/dev/null || { say "stopped $name (pid $pid)"; return 0; }
+    alive "$pid" || { say "stopped $name (pid $pid)"; return 0; }
     sleep 0.1
   done
   kill -KILL "$pid" 2>/dev/null || true
@@ -105,7 +113,7 @@ wait_for_server() {
       shown=$lines
     fi
     grep -q "ready on" "$RUN/server.log" && return 0
-    kill -0 "$pid" 2>/dev/null || die "the TensorBridge server exited; see $RUN/server.log"
+    alive "$pid" || die "the TensorBridge server exited; see $RUN/server.log"
     ((SECONDS < deadline)) || die "the TensorBridge server was not ready after ${START_TIMEOUT}s; see $RUN/server.log"
     sleep 0.2
   done

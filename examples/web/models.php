@@ -5,6 +5,6 @@
 declare(strict_types=1);
 
 return [
-    'digits-image' => 'Digits 0-9 (8x8, trained on scikit-learn digits)',
-    'resnet18' => 'ResNet-18, ImageNet classes (random weights)',
+    'digits-image' => 'Digits 0-9 (trained, 8x8)',
+    'resnet18' => 'ResNet-18, ImageNet (random weights)',
 ];

@@ -67,11 +67,16 @@
     pad.addEventListener(type, () => { drawing = false; });
   }
 
-  // data-state (busy, done, error) and data-answers (a count) let a test wait for an answer.
   function setBusy(busy) {
     if (busy) result.dataset.state = 'busy';
-    else result.dataset.answers = String(Number(result.dataset.answers || 0) + 1);
     for (const el of [...buttons, model, fileInput]) el.disabled = busy;
+  }
+
+  // data-state (busy, done, error) and data-answers (how many so far) let a test wait for
+  // the next answer.
+  function answered(state) {
+    result.dataset.state = state;
+    result.dataset.answers = String(Number(result.dataset.answers || 0) + 1);
   }
 
   function showError(message) {
@@ -80,7 +85,7 @@
     noticeBox.hidden = true;
     errorBox.textContent = message;
     errorBox.hidden = false;
-    result.dataset.state = 'error';
+    answered('error');
   }
 
   function ms(us) {
@@ -115,7 +120,8 @@
       ['server preprocessing (decode, resize)', ms(t.preprocess_us), 'sub2'],
       ['model compute', ms(t.compute_us), 'sub2'],
       ['queue', ms(t.queue_us), 'sub2'],
-      ['transport and PHP client (the rest)', ms(Math.max(0, t.round_trip_us - server)), 'sub2'],
+      // Not shown when the server's stages overlap (e.g. a queue time that counts preprocessing).
+      ['transport and PHP client (the rest)', t.round_trip_us >= server ? ms(t.round_trip_us - server) : '–', 'sub2'],
       ['browser: fetch() to answer', browserMs.toFixed(2) + ' ms', 'muted'],
     ];
     timing.tBodies[0].replaceChildren(...rows.map(([name, value, cls]) => {
@@ -129,7 +135,7 @@
       return tr;
     }));
     timing.hidden = false;
-    result.dataset.state = 'done';
+    answered('done');
   }
 
   async function classify(blob, name) {
