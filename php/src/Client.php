@@ -727,6 +727,10 @@ final class Client
                             var_export($key, true),
                             get_debug_type($inputs),
                         ));
+                    }
+                }
+                foreach ($listOfInputs as $key => $inputs) {
+                    if (!is_array($inputs)) {
                         continue;
                     }
                     try {

@@ -5,7 +5,9 @@ declare(strict_types=1);
 namespace TensorBridge\Tests;
 
 use PHPUnit\Framework\TestCase;
+use TensorBridge\BatchResult;
 use TensorBridge\Client;
+use TensorBridge\Exception\CircuitOpenException;
 use TensorBridge\Exception\ConnectionException;
 use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\ModelNotFoundException;
@@ -16,14 +18,29 @@ use TensorBridge\Exception\ServerException;
 use TensorBridge\Exception\TensorBridgeException;
 use TensorBridge\Exception\TimeoutException;
 use TensorBridge\Exception\UnauthorizedException;
+use TensorBridge\Tensor;
 use TensorBridge\Internal\ErrorMapper;
 use TensorBridge\Internal\ErrorReply;
+
+require_once __DIR__ . '/TempDir.php';
 
 /**
  * Client behaviour that needs no server: error mapping, connection failures, input checks.
  */
 final class ClientTest extends TestCase
 {
+    private string $stateDir = '';
+
+    protected function setUp(): void
+    {
+        $this->stateDir = TempDir::create('tb-client-test');
+    }
+
+    protected function tearDown(): void
+    {
+        TempDir::remove($this->stateDir);
+    }
+
     /**
      * @return iterable<string, array{int, class-string, string}>
      */
@@ -90,7 +107,7 @@ final class ClientTest extends TestCase
     public function testMissingSocketSaysWhatToDo(bool $persistent): void
     {
         $path = sys_get_temp_dir() . '/tensorbridge-test-missing-' . getmypid() . '.sock';
-        $client = new Client($path, timeout: 0.5, persistent: $persistent);
+        $client = new Client($path, timeout: 0.5, persistent: $persistent, breakerStateDir: $this->stateDir);
         try {
             $client->ping();
             self::fail('expected a ConnectionException');
@@ -136,5 +153,140 @@ final class ClientTest extends TestCase
     {
         $this->expectException(\InvalidArgumentException::class);
         new Client('/x.sock', timeout: 0.0);
+    }
+
+    public function testSetUpIsRetriedWhileTheSocketIsMissing(): void
+    {
+        $path = $this->stateDir . '/missing.sock';
+        $client = new Client($path, connectAttempts: 3, connectBackoff: 0.001, breakerStateDir: $this->stateDir);
+        try {
+            $client->ping();
+            self::fail('expected a ConnectionException');
+        } catch (ConnectionException $e) {
+            self::assertStringContainsString("cannot connect to $path: No such file or directory (3 attempts", $e->getMessage());
+        }
+    }
+
+    public function testErrorsThatRetryingCannotFixAreNotRetried(): void
+    {
+        $path = '/etc/hostname/tb.sock'; // ENOTDIR: a configuration error, not a restarting server
+        $client = new Client($path, connectAttempts: 5, connectBackoff: 0.001, breakerStateDir: $this->stateDir);
+        try {
+            $client->ping();
+            self::fail('expected a ConnectionException');
+        } catch (ConnectionException $e) {
+            self::assertStringContainsString("cannot connect to $path: Not a directory.", $e->getMessage());
+            self::assertStringNotContainsString('attempts', $e->getMessage());
+        }
+    }
+
+    public function testBreakerOpensAfterConsecutiveConnectionFailures(): void
+    {
+        $path = $this->stateDir . '/down.sock';
+        $client = new Client($path, connectAttempts: 1, breakerThreshold: 2, breakerCoolDown: 60.0, breakerStateDir: $this->stateDir);
+        for ($i = 0; $i < 2; $i++) {
+            try {
+                $client->ping();
+                self::fail('expected a ConnectionException');
+            } catch (ConnectionException $e) {
+                self::assertNotInstanceOf(CircuitOpenException::class, $e);
+            }
+        }
+        self::assertSame('open', $client->breakerState());
+        // Another Client (as in the next web request) sees the same state and fails fast too.
+        $next = new Client($path, connectAttempts: 1, breakerThreshold: 2, breakerCoolDown: 60.0, breakerStateDir: $this->stateDir);
+        try {
+            $next->infer('digits', ['input' => Tensor::fromArray([1.0])]);
+            self::fail('expected a CircuitOpenException');
+        } catch (CircuitOpenException $e) {
+            self::assertGreaterThan(59.0, $e->getRetryAfter());
+            self::assertStringContainsString("circuit open for $path after 2 consecutive", $e->getMessage());
+            self::assertStringContainsString('then one call will probe the server', $e->getMessage());
+        }
+        $results = $next->inferBatch('digits', ['a' => ['input' => [1.0]]]);
+        self::assertInstanceOf(CircuitOpenException::class, $results['a']->error());
+    }
+
+    public function testLocalInputErrorsDoNotCountAsFailures(): void
+    {
+        $client = new Client('/nonexistent/tb.sock', breakerThreshold: 1, breakerStateDir: $this->stateDir);
+        for ($i = 0; $i < 3; $i++) {
+            try {
+                $client->infer('digits', [[1.0]]);
+            } catch (InvalidInputException) {
+            }
+        }
+        self::assertSame('closed', $client->breakerState());
+    }
+
+    public function testBreakerOffNeverFailsFast(): void
+    {
+        $client = new Client('/nonexistent/tb.sock', connectAttempts: 1, breakerThreshold: 0);
+        for ($i = 0; $i < 4; $i++) {
+            try {
+                $client->ping();
+            } catch (ConnectionException $e) {
+                self::assertNotInstanceOf(CircuitOpenException::class, $e);
+            }
+        }
+        self::assertSame('closed', $client->breakerState());
+    }
+
+    /**
+     * @return iterable<string, array{array<string, mixed>}>
+     */
+    public static function badOptionsProvider(): iterable
+    {
+        yield 'no attempts' => [['connectAttempts' => 0]];
+        yield 'negative backoff' => [['connectBackoff' => -1.0]];
+        yield 'negative threshold' => [['breakerThreshold' => -1]];
+        yield 'zero cool-down' => [['breakerCoolDown' => 0.0]];
+    }
+
+    /**
+     * @dataProvider badOptionsProvider
+     * @param array<string, mixed> $options
+     */
+    public function testBadResilienceOptionsRejected(array $options): void
+    {
+        $this->expectException(\InvalidArgumentException::class);
+        new Client('/x.sock', ...$options, breakerStateDir: $this->stateDir);
+    }
+
+    public function testBatchReportsEveryItemAndKeepsKeysWhenNothingCouldBeSent(): void
+    {
+        $client = new Client('/nonexistent/tb.sock', connectAttempts: 1, breakerStateDir: $this->stateDir);
+        $results = $client->inferBatch('echo', ['first' => ['x' => [1]], 'bad' => 'not an array', 7 => ['x' => [2]]]);
+        self::assertSame(['first', 'bad', 7], array_keys($results));
+        self::assertContainsOnlyInstancesOf(BatchResult::class, $results);
+        self::assertInstanceOf(ConnectionException::class, $results['first']->error());
+        self::assertInstanceOf(ConnectionException::class, $results[7]->error());
+        self::assertInstanceOf(InvalidInputException::class, $results['bad']->error());
+        self::assertStringContainsString("batch item 'bad' is string", $results['bad']->error()->getMessage());
+        self::assertSame([], $client->inferBatch('echo', []));
+    }
+
+    public function testClassifyChecksTopKBeforeSending(): void
+    {
+        $client = new Client('/nonexistent/tb.sock', breakerStateDir: $this->stateDir);
+        try {
+            $client->classify('resnet18', 'jpeg bytes', topK: 0);
+            self::fail('expected an InvalidInputException');
+        } catch (InvalidInputException $e) {
+            self::assertStringContainsString('topK must be at least 1', $e->getMessage());
+        }
+        $results = $client->classifyBatch('resnet18', ['a' => 'x', 'b' => 'y'], topK: -1);
+        self::assertSame(['a', 'b'], array_keys($results));
+        self::assertInstanceOf(InvalidInputException::class, $results['b']->error());
+        self::assertNull($client->lastNotice());
+    }
+
+    public function testClassifyBatchRejectsNonStringItemsOnly(): void
+    {
+        $client = new Client('/nonexistent/tb.sock', connectAttempts: 1, breakerStateDir: $this->stateDir);
+        $results = $client->classifyBatch('resnet18', ['ok' => 'jpeg', 'bad' => 42]);
+        self::assertInstanceOf(ConnectionException::class, $results['ok']->error());
+        self::assertInstanceOf(InvalidInputException::class, $results['bad']->error());
+        self::assertStringContainsString('pass the encoded image file as a string', $results['bad']->error()->getMessage());
     }
 }

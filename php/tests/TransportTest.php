@@ -8,6 +8,7 @@ use PHPUnit\Framework\TestCase;
 use TensorBridge\Client;
 use TensorBridge\DType;
 use TensorBridge\Exception\ConnectionException;
+use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\ProtocolException;
 use TensorBridge\Exception\TimeoutException;
 use TensorBridge\Internal\AttachOk;
@@ -121,6 +122,34 @@ final class TransportTest extends TestCase
         $client->infer('echo', ['v' => [1]]);
     }
 
+    public function testBatchItemErrorsStayWithTheirItems(): void
+    {
+        $this->serve(['reject_negative']);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
+        $results = $client->inferBatch('echo', ['a' => ['v' => [1]], 'b' => ['v' => [-2]], 'c' => ['v' => [3, 4]]]);
+        self::assertSame(['a', 'b', 'c'], array_keys($results));
+        self::assertSame([1], $results['a']->value()['v']->toArray());
+        self::assertInstanceOf(InvalidInputException::class, $results['b']->error());
+        self::assertStringContainsString('must be >= 0', $results['b']->error()->getMessage());
+        self::assertSame([3, 4], $results['c']->value()['v']->toArray());
+        // the connection carries on after an item's error
+        self::assertSame([5], $client->infer('echo', ['v' => [5]])['v']->toArray());
+    }
+
+    public function testServerDeathMidBatchFailsTheUnansweredItemsOnly(): void
+    {
+        $this->serve(['die_second']);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir);
+        $results = $client->inferBatch('echo', [['v' => [1]], ['v' => [2]], ['v' => [3]]]);
+        self::assertSame([1], $results[0]->value()['v']->toArray());
+        foreach ([1, 2] as $i) {
+            $e = $results[$i]->error();
+            self::assertInstanceOf(ConnectionException::class, $e);
+            self::assertStringContainsString("batch item $i was sent but not answered", $e->getMessage());
+            self::assertStringContainsString('not re-sent', $e->getMessage());
+        }
+    }
+
     /**
      * Forks a fake server that runs the given steps for one connection.
      *
@@ -161,6 +190,7 @@ final class TransportTest extends TestCase
         $crc = false;
         $pending = [];
         $first = true;
+        $inferCount = 0;
         while (true) {
             $raw = self::recvExact($conn, 24);
             if ($raw === null) {
@@ -190,8 +220,17 @@ final class TransportTest extends TestCase
             if ($h->type !== Wire::INFER || !$msg instanceof InferRequest) {
                 return;
             }
-            if (in_array('die', $steps, true)) {
+            $inferCount++;
+            if (in_array('die', $steps, true) || (in_array('die_second', $steps, true) && $inferCount === 2)) {
                 return;
+            }
+            if (in_array('reject_negative', $steps, true)) {
+                fseek($file, $msg->inputs[0]->offset);
+                if (unpack('q', (string) fread($file, 8))[1] < 0) {
+                    $err = new ErrorReply(2, 'input "v" must be >= 0');
+                    self::send($conn, Wire::ERROR, $h->requestId, Wire::encodeBody(Wire::ERROR, $err), $crc);
+                    continue;
+                }
             }
             if (in_array('garbage', $steps, true)) {
                 socket_send($conn, str_repeat('x', 24), 24, 0);
