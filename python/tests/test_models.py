@@ -160,3 +160,17 @@ def test_serve_without_models_is_a_usage_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "tensorbridge", "serve", "--socket",
                            "/tmp/unused.sock"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+def test_digits_held_out_accuracy() -> None:
+    # The shipped weights on the split `python -m tensorbridge.models.digits` held out.
+    from tensorbridge.models import digits
+
+    x, y = digits.load_data()
+    train_idx, test_idx = digits.split()
+    assert len(test_idx) == 360 and not set(train_idx.tolist()) & set(test_idx.tolist())
+    model = tb.load_model(tb.ModelConfig.from_cli("d=tensorbridge.models.digits:create"))
+    out = model.predict({"input": x[test_idx]})["logits"]
+    accuracy = (out.argmax(1) == y[test_idx]).float().mean().item()
+    print(f"digits held-out accuracy (tensor input): {accuracy:.4f} ({len(test_idx)} images)")
+    assert accuracy >= 0.97

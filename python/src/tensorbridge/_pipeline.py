@@ -149,6 +149,12 @@ class ImagePreprocess:
             raise PipelineConfigError("preprocess std must not contain 0")
         if self.max_bytes <= 0 or self.max_pixels <= 0:
             raise PipelineConfigError("preprocess max_bytes and max_pixels must be positive")
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        if pillow_limit and self.max_pixels > pillow_limit:
+            raise PipelineConfigError(f"preprocess max_pixels {self.max_pixels:,} is above "
+                                      f"Pillow's own limit ({pillow_limit:,} pixels, "
+                                      "PIL.Image.MAX_IMAGE_PIXELS), which refuses such images "
+                                      "anyway; give at most that")
         unknown = set(self.formats) - set(Image.registered_extensions().values())
         if unknown:
             raise PipelineConfigError(f"preprocess formats {sorted(unknown)} are not known to "
