@@ -229,6 +229,7 @@ class Server:
         return json.dumps({"server": "tensorbridge", "version": __version__, "protocol": 1,
                            "pid": os.getpid(), "connections_accepted": self.accepted,
                            "connections_open": len(self.connections),
+                           "requests_in_flight": sum(c.pending for c in list(self.connections)),
                            "models": sorted(self.models)}).encode()
 
     def metadata(self) -> bytes:
@@ -538,7 +539,7 @@ class _Connection:
         """Whether the next complete frame must wait (call with ``_lock`` held)."""
         if not self._has_frame():
             return False
-        if self._buf[6] == FrameType.INFER:
+        if self._buf[5] == FrameType.INFER:
             return self.pending >= _MAX_PENDING
         return self.pending > 0
 
