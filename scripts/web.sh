@@ -86,6 +86,8 @@ port_free() {
   "$PYTHON" - "$PORT" <<'EOF'
 import socket, sys
 with socket.socket() as s:
+    # As nginx binds: connections it closed a moment ago (TIME_WAIT) do not block the port.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("127.0.0.1", int(sys.argv[1])))
     except OSError:
@@ -126,7 +128,8 @@ start() {
   nginx=$(PATH=$PATH:/usr/sbin command -v nginx || true)
   [[ -n $fpm && -n $nginx ]] || die "php-fpm8.2 and nginx are needed: run 'make setup' (apt-get install php8.2-fpm nginx-light)"
 
-  if server_pid >/dev/null && fpm_pid >/dev/null && nginx_pid >/dev/null && page_up; then
+  if server_pid >/dev/null && fpm_pid >/dev/null && nginx_pid >/dev/null && page_up \
+      && "$PYTHON" -m tensorbridge health --socket "$SOCKET" --timeout 2 >/dev/null 2>&1; then
     say "already running: $URL (scripts/web.sh stop, or make demo-stop, to stop it)"
     return 0
   fi

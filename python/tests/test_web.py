@@ -1,7 +1,8 @@
-"""The web demo in a real browser: scripts/web.sh starts the TensorBridge server, PHP-FPM and
-nginx on a free port in a temp dir; headless Chromium (selenium + chromium-driver) draws
-held-out digits on the page's canvas, uploads a file that is not an image, and switches to
-ResNet-18. Every test also checks that the page logged no console errors.
+"""The web demo in a real browser: scripts/demo.sh (what `make demo` runs) starts the
+TensorBridge server, PHP-FPM and nginx on a free port in a temp dir; headless Chromium
+(selenium + chromium-driver) draws held-out digits on the page's canvas, uploads a file that
+is not an image, and switches to ResNet-18. Every test also checks that the page logged no
+console errors.
 
 ``TB_WRITE_SCREENSHOT=1`` rewrites docs/img/web-demo.png (the README's screenshot).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +35,7 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+DEMO_SH = ROOT / "scripts" / "demo.sh"
 WEB_SH = ROOT / "scripts" / "web.sh"
 SCREENSHOT = ROOT / "docs" / "img" / "web-demo.png"
 MODELS = ("digits=tensorbridge.models.digits:create "
@@ -100,11 +103,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "TB_WEB_DIR": str(run), "TB_WEB_PORT": str(_free_port()),
            "TB_WEB_MODELS": MODELS}
     shm_before = shm_snapshot()
-    started = subprocess.run([str(WEB_SH), "start"], env=env, capture_output=True, text=True,
+    started = subprocess.run([str(DEMO_SH)], env=env, capture_output=True, text=True,
                              timeout=300)
+    url = f"http://127.0.0.1:{env['TB_WEB_PORT']}/"
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        yield f"http://127.0.0.1:{env['TB_WEB_PORT']}/"
+        # `make demo`'s output: model loading progress, the CLI example, then the URL.
+        assert f"ready on {run}/tb.sock" in started.stdout
+        assert re.search(r"^  \d+/10 right", started.stdout, re.M), started.stdout
+        assert started.stdout.splitlines()[-1].startswith(f"Web demo: {url} "), started.stdout
+        yield url
     finally:
         pids = [(run / f"{name}.pid").read_text().strip()
                 for name in ("server", "php-fpm", "nginx") if (run / f"{name}.pid").exists()]
