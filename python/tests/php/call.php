@@ -6,6 +6,11 @@
 //             | {"array":[...]}}}, {"op":"ping"}, {"op":"models"}]}
 // Each call's result: {"outputs":{name:{"dtype","shape","hex","values"}}} or
 // {"error":"ShortClassName","message":"..."}.
+// Resilience options: "connect_attempts", "connect_backoff", "breaker_threshold",
+// "breaker_cooldown", "breaker_state_dir" (default: <socket dir>/.tb-breaker, so that tests
+// leave no breaker state behind). More ops: "classify" {"model","image_hex","top_k"},
+// "classify_batch" {"model","images":{key:hex},"top_k"}, "infer_batch" {"model","inputs":{key:
+// inputs}}, "touch" {"path"} (a marker for the test), "breaker" (the breaker's state).
 
 declare(strict_types=1);
 
@@ -20,6 +25,11 @@ $client = new Client(
     timeout: (float) ($cmd['timeout'] ?? 2.0),
     persistent: (bool) ($cmd['persistent'] ?? false),
     checksums: (bool) ($cmd['checksums'] ?? false),
+    connectAttempts: (int) ($cmd['connect_attempts'] ?? 3),
+    connectBackoff: (float) ($cmd['connect_backoff'] ?? 0.02),
+    breakerThreshold: (int) ($cmd['breaker_threshold'] ?? 5),
+    breakerCoolDown: (float) ($cmd['breaker_cooldown'] ?? 5.0),
+    breakerStateDir: $cmd['breaker_state_dir'] ?? dirname($cmd['socket']) . '/.tb-breaker',
 );
 
 function tensorOut(Tensor $t): array
@@ -38,6 +48,24 @@ function tensorIn(array $spec): Tensor|array
         return Tensor::fromBytes(hex2bin($spec['hex']), $spec['dtype'], $spec['shape']);
     }
     return Tensor::fromArray($spec['values'], $spec['dtype']);
+}
+
+function errorOut(Throwable $e): array
+{
+    return ['error' => (new ReflectionClass($e))->getShortName(), 'message' => $e->getMessage(),
+        'is_base' => $e instanceof \TensorBridge\Exception\TensorBridgeException];
+}
+
+/**
+ * @param array<array-key, \TensorBridge\BatchResult> $batch
+ */
+function batchOut(array $batch, callable $value): array
+{
+    $out = [];
+    foreach ($batch as $key => $result) {
+        $out[] = ['key' => $key] + ($result->ok() ? ['value' => $value($result->value())] : errorOut($result->error()));
+    }
+    return $out;
 }
 
 $results = [];
@@ -62,6 +90,31 @@ foreach ($cmd['calls'] as $call) {
                     $client->inferMany($call['model'], $lists),
                 )];
                 break;
+            case 'infer_batch':
+                $lists = array_map(fn ($in) => is_array($in) ? array_map('tensorIn', $in) : $in, $call['inputs']);
+                $r = ['batch' => batchOut(
+                    $client->inferBatch($call['model'], $lists),
+                    fn ($out) => array_map('tensorOut', $out),
+                ), 'timing' => $client->lastTiming()];
+                break;
+            case 'classify':
+                $r = ['top' => $client->classify($call['model'], hex2bin($call['image_hex']), $call['top_k'] ?? 5),
+                    'notice' => $client->lastNotice(), 'timing' => $client->lastTiming()];
+                break;
+            case 'classify_batch':
+                $images = array_map(fn ($hex) => is_string($hex) ? hex2bin($hex) : $hex, $call['images']);
+                $r = ['batch' => batchOut(
+                    $client->classifyBatch($call['model'], $images, $call['top_k'] ?? 5),
+                    fn ($top) => $top,
+                ), 'notice' => $client->lastNotice()];
+                break;
+            case 'touch':
+                touch($call['path']);
+                $r = [];
+                break;
+            case 'breaker':
+                $r = ['state' => $client->breakerState()];
+                break;
             case 'big':
                 // n random bytes through the echo model; compared by hash, not dumped.
                 $bytes = random_bytes((int) $call['bytes']);
@@ -84,8 +137,7 @@ foreach ($cmd['calls'] as $call) {
                 throw new RuntimeException('unknown op ' . $call['op']);
         }
     } catch (Throwable $e) {
-        $r = ['error' => (new ReflectionClass($e))->getShortName(), 'message' => $e->getMessage(),
-            'is_base' => $e instanceof \TensorBridge\Exception\TensorBridgeException];
+        $r = errorOut($e);
     }
     $r['ms'] = (hrtime(true) - $t0) / 1e6;
     $results[] = $r;

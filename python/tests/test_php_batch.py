@@ -1,0 +1,90 @@
+"""PHP inferBatch(): pipelined items on one connection, each with its own answer or its own error."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from conftest import php, php_popen
+
+pytestmark = pytest.mark.usefixtures("leak_check")
+
+
+def _by_key(batch: list[dict]) -> dict:
+    return {str(item["key"]): item for item in batch}
+
+
+def test_echo_batch_every_good_item_gets_its_own_answer(server) -> None:
+    dtypes = ["INT8", "INT16", "INT32", "INT64", "FP32", "FP64", "UINT8"]
+    inputs = {f"item{i}": {"x": {"dtype": dtypes[i % len(dtypes)],
+                                 "values": [i * 3 + j for j in range(1 + i % 5)]},
+                           "tag": {"dtype": "BYTES", "values": [f"tag-{i}"]}}
+              for i in range(14)}
+    bad = dict(inputs)
+    bad["ragged"] = {"x": {"array": [[1.0, 2.0], [3.0]]}}  # fails in the client, not sent
+    bad["scalar"] = "not an input array"
+    (r,) = php({"socket": server.socket, "calls": [
+        {"op": "infer_batch", "model": "echo", "inputs": bad}]})
+    got = _by_key(r["batch"])
+    assert [item["key"] for item in r["batch"]] == list(bad)  # same keys, same order
+    for key, want in inputs.items():
+        out = got[key]["value"]
+        assert out["x"]["values"] == want["x"]["values"], key
+        assert out["x"]["dtype"] == want["x"]["dtype"]
+        assert bytes.fromhex(out["tag"]["hex"])[4:].decode() == want["tag"]["values"][0]
+    assert got["ragged"]["error"] == "InvalidInputException" and "ragged" in got["ragged"]["message"]
+    assert got["scalar"]["error"] == "InvalidInputException"
+    assert set(r["timing"]) == {"queue_us", "compute_us", "preprocess_us", "batch_size"}
+
+
+def test_digits_batch_with_bad_items_keeps_the_good_answers_in_place(server) -> None:
+    rows = [[float((i * 7 + j) % 17) for j in range(64)] for i in range(6)]
+    items = {str(i): {"input": {"dtype": "FP32", "values": [row]}} for i, row in enumerate(rows)}
+    items["2"] = {"input": {"dtype": "FP32", "values": [rows[2][:63]]}}  # wrong shape
+    items["4"] = {"input": {"dtype": "FP64", "values": [rows[4]]}}  # wrong type
+    singles = [{"op": "infer", "model": "digits", "inputs": {"input": {"dtype": "FP32",
+                                                                       "values": [row]}}}
+               for row in rows]
+    *single, (batch) = php({"socket": server.socket, "calls": [
+        *singles, {"op": "infer_batch", "model": "digits", "inputs": items}]})
+    got = _by_key(batch["batch"])
+    assert got["2"]["error"] == "InvalidInputException" and "shape" in got["2"]["message"]
+    assert got["4"]["error"] == "InvalidInputException" and "FP32" in got["4"]["message"]
+    for i in (0, 1, 3, 5):
+        assert got[str(i)]["value"]["logits"]["values"] == single[i]["outputs"]["logits"]["values"]
+    # the rows really differ, so a mix-up would show
+    assert len({json.dumps(s["outputs"]["logits"]["values"]) for s in single}) == len(rows)
+
+
+def test_model_errors_and_unknown_models_are_per_item(server) -> None:
+    (fail, missing) = php({"socket": server.socket, "calls": [
+        {"op": "infer_batch", "model": "fail", "inputs": [{"x": {"dtype": "INT8", "values": [1]}},
+                                                          {"x": {"dtype": "INT8", "values": [2]}}]},
+        {"op": "infer_batch", "model": "nope", "inputs": [{"x": {"dtype": "INT8", "values": [1]}}]},
+    ]})
+    assert [i["error"] for i in fail["batch"]] == ["ServerException"] * 2
+    assert "always fails" in fail["batch"][1]["message"]
+    assert missing["batch"][0]["error"] == "ModelNotFoundException"
+
+
+def test_server_killed_mid_batch_fails_only_the_unanswered_items(make_server) -> None:
+    server = make_server()
+    sleep = [{"ms": {"dtype": "FP32", "values": [ms]}} for ms in (1.0, 3000.0, 1.0)]
+    p = php_popen({"socket": server.socket, "timeout": 10, "calls": [
+        {"op": "infer_batch", "model": "sleep", "inputs": sleep}]})
+    deadline = time.monotonic() + 10
+    while server.memfds() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the PHP client has attached its region
+    time.sleep(0.3)  # the batch is sent right after; its second item sleeps 3 s
+    server.kill()
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    (r,) = json.loads(out)
+    first, second, third = r["batch"]
+    assert first["value"]["ms"]["values"] == [1.0]
+    for item in (second, third):
+        assert item["error"] == "ConnectionException", item
+        assert "was sent but not answered" in item["message"]
+        assert "not re-sent" in item["message"]
