@@ -1,8 +1,8 @@
 """The seed's image scenario for the benchmark: ResNet-18 and JPEG preprocessing.
 
-ResNet-18 is built here (torchvision has no CPU build beside torch 2.13.0) with fixed random
-weights: no weights can be downloaded, and the timing does not depend on their values. The
-labels are therefore class numbers, not ImageNet names.
+ResNet-18 is the package's (``tensorbridge.models.resnet``: torchvision's layout, fixed random
+weights; the timing does not depend on their values). These benchmark models return class
+numbers; ``tensorbridge.models.resnet:create`` is the served model with ImageNet names.
 
 Models for ``tensorbridge serve`` (with ``bench/`` on PYTHONPATH):
 * ``vision:resnet18``       input ``input`` FP32 [-1, 3, 224, 224] -> top-5 ``index``/``prob``
@@ -18,30 +18,16 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tensorbridge.models import resnet
+
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 TOP5 = [{"name": "index", "datatype": "INT64", "shape": [-1, 5]},
         {"name": "prob", "datatype": "FP32", "shape": [-1, 5]}]
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout)) if stride != 1 or cin != cout
-                     else nn.Identity())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-
 class ResNet18(nn.Module):
-    """The ResNet-18 architecture (He et al. 2015), 1000 classes, ending in top-5 softmax."""
+    """The package's ResNet-18 (torchvision layout, fixed random weights), ending in top-5."""
 
     tensorbridge_signature = {
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
@@ -49,20 +35,10 @@ class ResNet18(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(18)
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-        layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
-            cin = cout
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(512, 1000)
+        self.net = resnet.ResNet18()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.layers(self.stem(x))
-        logits = self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-        prob, index = torch.softmax(logits, 1).topk(5)
+        prob, index = torch.softmax(self.net(x), 1).topk(5)
         return index, prob
 
 

@@ -278,6 +278,8 @@ class ImagePreprocess:
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("RGBA", "LA", "PA"):
+            if image.mode != "PA" and image.getchannel("A").getextrema() == (255, 255):
+                return image.convert("RGB" if image.mode == "RGBA" else "L")  # opaque: cheap
             rgba = image.convert("RGBA")
             base = Image.new("RGBA", rgba.size, (*self.background, 255))
             image = Image.alpha_composite(base, rgba).convert("RGB")
