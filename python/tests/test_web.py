@@ -32,6 +32,9 @@ pytestmark = pytest.mark.skipif(
 from selenium import webdriver  # noqa: E402 - after the skip, which explains a missing browser
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.actions import interaction  # noqa: E402
+from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
+from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -186,6 +189,12 @@ def test_the_pad_draws_with_the_mouse_and_clears(page: webdriver.Chrome) -> None
     assert page.execute_script(DARK_PIXELS) > 2000  # two strokes 22 px wide
     page.find_element(By.ID, "clear").click()
     assert page.execute_script(DARK_PIXELS) == 0
+    # A finger draws too (touch pointer events, as on a phone).
+    touch = ActionBuilder(page, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
+    touch.pointer_action.move_to(pad, -50, 0).pointer_down().move_to(pad, 50, 0).pointer_up()
+    touch.perform()
+    assert page.execute_script(DARK_PIXELS) > 1000  # one stroke, 100 px long, 22 px wide
+    page.find_element(By.ID, "clear").click()
     # An empty pad is not sent.
     assert _answer(page, page.find_element(By.ID, "classify").click) == "error"
     assert "draw a digit first" in page.find_element(By.ID, "error").text
@@ -212,6 +221,21 @@ def test_drawn_held_out_digits_are_classified(page: webdriver.Chrome) -> None:
     if os.environ.get("TB_WRITE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.save_screenshot(str(SCREENSHOT))
+
+
+def test_an_uploaded_image_is_classified(page: webdriver.Chrome, tmp_path: Path) -> None:
+    from PIL import Image
+
+    label, pixels = _held_out_digits(4)[3]
+    gray = [round(255 - 255 * v / 16) for v in pixels]
+    image = Image.new("L", (8, 8))
+    image.putdata(gray)
+    path = tmp_path / "digit.jpg"  # a JPEG, unlike the canvas's PNG
+    image.resize((160, 160), Image.Resampling.NEAREST).save(path, quality=95)
+    upload = page.find_element(By.ID, "file")
+    assert _answer(page, lambda: upload.send_keys(str(path))) == "done"
+    assert _top(page)[0][0] == str(label)
+    assert "(digit.jpg, digits-image)" in page.find_element(By.ID, "source").text
 
 
 def test_a_file_that_is_not_an_image_shows_an_error(page: webdriver.Chrome,
