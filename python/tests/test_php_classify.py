@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 import tensorbridge as tb
-from conftest import php
 from tensorbridge.models import digits, resnet
+
+from conftest import php
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 
