@@ -11,7 +11,7 @@ from PIL import Image
 import tensorbridge as tb
 from tensorbridge.models import digits, resnet
 
-from conftest import php
+from conftest import ServerProcess, php
 
 pytestmark = pytest.mark.usefixtures("leak_check")
 
@@ -40,6 +40,15 @@ def digit_png(pixels) -> bytes:
 
 
 @pytest.fixture(scope="module")
+def image_server(tmp_path_factory):
+    """One server for the module: loading ResNet-18 takes a few seconds on 2 cores."""
+    args = [a for m in MODELS for a in ("--model", m)]
+    srv = ServerProcess(str(tmp_path_factory.mktemp("classify") / "tb.sock"), args).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
 def held_out():
     x, y = digits.load_data()
     _, test_idx = digits.split()
@@ -47,8 +56,8 @@ def held_out():
 
 
 def test_classify_resnet18_matches_the_python_client_and_says_weights_are_random(
-        make_server) -> None:
-    server = make_server(MODELS)
+        image_server) -> None:
+    server = image_server
     image = jpeg(1)
     top, big = php({"socket": server.socket, "timeout": 30, "calls": [
         {"op": "classify", "model": "resnet18", "image_hex": image.hex(), "top_k": 5},
@@ -66,16 +75,16 @@ def test_classify_resnet18_matches_the_python_client_and_says_weights_are_random
     assert "topK 11 is more than the 10 classes" in big["message"]
 
 
-def test_topk_checked_before_sending_once_the_signature_is_known(make_server) -> None:
-    server = make_server(MODELS)
+def test_topk_checked_before_sending_once_the_signature_is_known(image_server) -> None:
+    server = image_server
     _, big = php({"socket": server.socket, "timeout": 30, "calls": [
         {"op": "models"},
         {"op": "classify", "model": "resnet18", "image_hex": jpeg(2).hex(), "top_k": 20}]})
     assert big["error"] == "InvalidInputException" and "ask for at most 10" in big["message"]
 
 
-def test_digits_image_with_real_weights_has_no_notice(make_server, held_out) -> None:
-    server = make_server(MODELS)
+def test_digits_image_with_real_weights_has_no_notice(image_server, held_out) -> None:
+    server = image_server
     x, y = held_out
     results = php({"socket": server.socket, "timeout": 30, "calls": [
         {"op": "classify", "model": "digits-image", "image_hex": digit_png(row).hex(), "top_k": 3}
@@ -92,8 +101,8 @@ BAD_IMAGES = [
 ]
 
 
-def test_bad_images_are_invalid_input_and_the_connection_carries_on(make_server) -> None:
-    server = make_server(MODELS)
+def test_bad_images_are_invalid_input_and_the_connection_carries_on(image_server) -> None:
+    server = image_server
     calls = []
     for image, _ in BAD_IMAGES:
         calls += [{"op": "classify", "model": "digits-image", "image_hex": image.hex()},
@@ -104,8 +113,8 @@ def test_bad_images_are_invalid_input_and_the_connection_carries_on(make_server)
         assert len(good["top"]) == 1
 
 
-def test_classify_batch_mixed_good_and_bad_images(make_server, held_out) -> None:
-    server = make_server(MODELS)
+def test_classify_batch_mixed_good_and_bad_images(image_server, held_out) -> None:
+    server = image_server
     x, y = held_out
     images = {f"digit{i}": digit_png(row).hex() for i, row in enumerate(x)}
     images = {"pdf": b"%PDF-1.4".hex(), **images, "cut": jpeg(5)[:1500].hex(), "empty": ""}
@@ -125,8 +134,8 @@ def test_classify_batch_mixed_good_and_bad_images(make_server, held_out) -> None
     assert batch["notice"] is None
 
 
-def test_classify_on_a_model_that_is_not_a_classifier(make_server) -> None:
-    server = make_server(MODELS)
+def test_classify_on_a_model_that_is_not_a_classifier(image_server) -> None:
+    server = image_server
     (r,) = php({"socket": server.socket, "calls": [
         {"op": "classify", "model": "echo", "image_hex": b"abc".hex()}]})
     assert r["error"] == "InvalidInputException"
