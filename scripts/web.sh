@@ -8,12 +8,13 @@
 #
 # Environment: TB_WEB_PORT (default 8080), TB_WEB_DIR (default .run/web), TB_WEB_MODELS
 # (space-separated NAME=SOURCE, default digits, digits-image and resnet18), PYTHON (python3).
-# The browser test (python/tests/test_web.py) runs this same script on its own port and dir.
+# `make demo` runs it through scripts/demo.sh, and so does the browser test
+# (python/tests/test_web.py), on a port and in a directory of its own.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PORT=${TB_WEB_PORT:-8080}
-RUN=${TB_WEB_DIR:-$ROOT/.run/web}
+RUN=$(realpath -m "${TB_WEB_DIR:-$ROOT/.run/web}")   # absolute: nginx and php-fpm need it
 PYTHON=${PYTHON:-python3}
 MODELS=${TB_WEB_MODELS:-digits=tensorbridge.models.digits:create \
 digits-image=tensorbridge.models.digits:create_image \
