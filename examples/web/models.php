@@ -6,5 +6,5 @@ declare(strict_types=1);
 
 return [
     'digits-image' => 'Digits 0-9 (trained, 8x8)',
-    'resnet18' => 'ResNet-18, ImageNet (random weights)',
+    'resnet18' => 'ResNet-18 (random weights)',
 ];
