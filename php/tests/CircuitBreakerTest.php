@@ -201,6 +201,15 @@ final class CircuitBreakerTest extends TestCase
         FileBreakerStore::forSocket('/tmp/x.sock', $this->dir);
     }
 
+    public function testStateIsNotWrittenToADirectoryOthersCanWrite(): void
+    {
+        chmod($this->dir, 0777);
+        $store = new FileBreakerStore($this->dir, 'k', posix_geteuid());
+        $store->save(['failures' => 1, 'open_until' => null, 'reason' => 'x']);
+        self::assertNull($store->load());
+        self::assertSame([], array_values(array_diff(scandir($this->dir) ?: [], ['.', '..'])));
+    }
+
     public function testGivenStateDirectoryIsCreated(): void
     {
         $sub = $this->dir . '/state';

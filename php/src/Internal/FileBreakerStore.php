@@ -24,7 +24,7 @@ final class FileBreakerStore implements BreakerStore
     private readonly string $probePath;
 
     /**
-     * @param string $dir a directory private to this user (created 0700 when missing)
+     * @param string $dir a directory private to this user (created 0700 when first written)
      * @param string $key names the guarded server (a hash of the socket path)
      * @param int $uid this process's effective uid; files owned by other uids are ignored
      */
@@ -35,9 +35,9 @@ final class FileBreakerStore implements BreakerStore
     }
 
     /**
-     * The store for a socket path: a file in $dir, else in sys_get_temp_dir()/tensorbridge-<euid>;
-     * process memory where the uid cannot be known (no ext-posix) or the default directory is
-     * not private to this user.
+     * The store for a socket path: a file in $dir, else in sys_get_temp_dir()/tensorbridge-<euid>
+     * (created on the first failure, so that a healthy setup never writes anything); process
+     * memory where the uid cannot be known (no ext-posix).
      *
      * @throws \InvalidArgumentException when $dir is given but is not a private directory of this user
      */
@@ -58,8 +58,7 @@ final class FileBreakerStore implements BreakerStore
             }
             return new self($dir, $key, $uid);
         }
-        $dir = rtrim(sys_get_temp_dir(), '/') . '/tensorbridge-' . $uid;
-        return self::privateDirectory($dir, $uid) ? new self($dir, $key, $uid) : new MemoryBreakerStore($key);
+        return new self(rtrim(sys_get_temp_dir(), '/') . '/tensorbridge-' . $uid, $key, $uid);
     }
 
     public function load(): ?array
@@ -94,6 +93,9 @@ final class FileBreakerStore implements BreakerStore
 
     public function save(array $state): void
     {
+        if (!self::privateDirectory($this->dir, $this->uid)) {
+            return; // best effort: where it cannot remember safely, the breaker stays closed
+        }
         $tmp = sprintf('%s.%d.tmp', $this->statePath, getmypid());
         $json = json_encode($state, JSON_PRESERVE_ZERO_FRACTION | JSON_INVALID_UTF8_SUBSTITUTE);
         if (@file_put_contents($tmp, (string) $json) === false) {
