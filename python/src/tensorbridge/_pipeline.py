@@ -474,7 +474,14 @@ class Pipeline:
         """Client inputs -> module inputs."""
         out = dict(inputs)
         if self.preprocess is not None:
-            items = out.pop(self.preprocess.input)
+            name = self.preprocess.input
+            if name not in out:
+                raise InvalidInputError(f"missing input {name!r}: send the image files as a "
+                                        f"BYTES tensor named {name!r}, one file per item")
+            items = out.pop(name)
+            if isinstance(items, torch.Tensor):
+                raise InvalidInputError(f"input {name!r} must be BYTES (one encoded image file "
+                                        f"per item), got a {items.dtype} tensor")
             assert self.target is not None
             out[self.target] = self.preprocess(items)
         return out
