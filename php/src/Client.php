@@ -276,6 +276,7 @@ final class Client
      */
     public function classify(string $model, string $image, int $topK = 5): array
     {
+        $this->lastNotice = null;
         Classification::checkTopK($topK, $this->knownTopK($model), $model);
         $outputs = $this->infer($model, [Classification::INPUT => Classification::imageTensor($image)]);
         $result = Classification::fromOutputs($outputs, $topK, $model);
@@ -296,6 +297,7 @@ final class Client
      */
     public function classifyBatch(string $model, array $images, int $topK = 5): array
     {
+        $this->lastNotice = null;
         try {
             Classification::checkTopK($topK, $this->knownTopK($model), $model);
         } catch (InvalidInputException $e) {
@@ -769,14 +771,22 @@ final class Client
     }
 
     /**
-     * The error of a batch item that was sent but not answered before the connection failed or the deadline passed.
+     * The error of a batch item that was sent but not answered (the connection failed or the deadline passed).
      */
-    private static function unanswered(?TensorBridgeException $failure, int|string $key, string $model): TensorBridgeException
-    {
+    private static function unanswered(
+        ?TensorBridgeException $failure,
+        int|string $key,
+        string $model,
+    ): TensorBridgeException {
         $failure ??= new ProtocolException(sprintf('model "%s" did not answer batch item %s', $model, $key));
-        $message = sprintf('batch item %s was sent but not answered: %s', var_export($key, true), $failure->getMessage());
+        $message = sprintf(
+            'batch item %s was sent but not answered: %s',
+            var_export($key, true),
+            $failure->getMessage(),
+        );
         return match (true) {
-            $failure instanceof TimeoutException => new TimeoutException($message, $failure->getTimeout(), null, $failure),
+            $failure instanceof TimeoutException
+                => new TimeoutException($message, $failure->getTimeout(), null, $failure),
             $failure instanceof ConnectionException => new ConnectionException($message, null, $failure),
             default => new ProtocolException($message, null, $failure),
         };

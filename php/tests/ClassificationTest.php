@@ -25,10 +25,13 @@ final class ClassificationTest extends TestCase
         $out = [
             'scores' => Tensor::fromArray([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]], 'float32'),
             'indices' => Tensor::fromArray([[281, 285, 282], [1, 2, 3]], 'int64'),
-            'labels' => Tensor::fromArray(['tabby cat', 'Egyptian cat', 'tiger cat', 'goldfish', 'great white shark', 'tiger shark'], 'bytes'),
+            'labels' => Tensor::fromArray(
+                ['tabby cat', 'Egyptian cat', 'tiger cat', 'goldfish', 'great white shark', 'tiger shark'],
+                'bytes',
+            ),
         ];
         if ($notice) {
-            $out['notice'] = Tensor::fromArray(['random weights: labels are meaningless', 'random weights: labels are meaningless'], 'bytes');
+            $out['notice'] = Tensor::fromArray(array_fill(0, 2, 'random weights: labels are meaningless'), 'bytes');
         }
         return $out;
     }

@@ -163,7 +163,8 @@ final class ClientTest extends TestCase
             $client->ping();
             self::fail('expected a ConnectionException');
         } catch (ConnectionException $e) {
-            self::assertStringContainsString("cannot connect to $path: No such file or directory (3 attempts", $e->getMessage());
+            $want = "cannot connect to $path: No such file or directory (3 attempts";
+            self::assertStringContainsString($want, $e->getMessage());
         }
     }
 
@@ -183,7 +184,8 @@ final class ClientTest extends TestCase
     public function testBreakerOpensAfterConsecutiveConnectionFailures(): void
     {
         $path = $this->stateDir . '/down.sock';
-        $client = new Client($path, connectAttempts: 1, breakerThreshold: 2, breakerCoolDown: 60.0, breakerStateDir: $this->stateDir);
+        $options = ['connectAttempts' => 1, 'breakerThreshold' => 2, 'breakerCoolDown' => 60.0];
+        $client = new Client($path, ...$options, breakerStateDir: $this->stateDir);
         for ($i = 0; $i < 2; $i++) {
             try {
                 $client->ping();
@@ -194,7 +196,7 @@ final class ClientTest extends TestCase
         }
         self::assertSame('open', $client->breakerState());
         // Another Client (as in the next web request) sees the same state and fails fast too.
-        $next = new Client($path, connectAttempts: 1, breakerThreshold: 2, breakerCoolDown: 60.0, breakerStateDir: $this->stateDir);
+        $next = new Client($path, ...$options, breakerStateDir: $this->stateDir);
         try {
             $next->infer('digits', ['input' => Tensor::fromArray([1.0])]);
             self::fail('expected a CircuitOpenException');
@@ -287,6 +289,7 @@ final class ClientTest extends TestCase
         $results = $client->classifyBatch('resnet18', ['ok' => 'jpeg', 'bad' => 42]);
         self::assertInstanceOf(ConnectionException::class, $results['ok']->error());
         self::assertInstanceOf(InvalidInputException::class, $results['bad']->error());
-        self::assertStringContainsString('pass the encoded image file as a string', $results['bad']->error()->getMessage());
+        $message = $results['bad']->error()?->getMessage();
+        self::assertStringContainsString('pass the encoded image file as a string', (string) $message);
     }
 }

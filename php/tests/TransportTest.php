@@ -74,7 +74,7 @@ final class TransportTest extends TestCase
     public function testChecksummedConnection(): void
     {
         $this->serve(['echo']);
-        $client = new Client($this->path, timeout: 2.0, persistent: false, breakerStateDir: $this->stateDir, checksums: true);
+        $client = new Client($this->path, timeout: 2.0, persistent: false, checksums: true, breakerStateDir: $this->stateDir);
         self::assertSame([true, false], $client->infer('echo', ['v' => [true, false]])['v']->toArray());
     }
 

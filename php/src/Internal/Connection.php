@@ -33,7 +33,13 @@ final class Connection
     }
 
     /** connect() errors worth retrying: the server is (re)starting or its backlog is full */
-    private const TRANSIENT_ERRNOS = [SOCKET_ENOENT, SOCKET_ECONNREFUSED, SOCKET_EAGAIN, SOCKET_EINTR, SOCKET_ETIMEDOUT];
+    private const TRANSIENT_ERRNOS = [
+        SOCKET_ENOENT,
+        SOCKET_ECONNREFUSED,
+        SOCKET_EAGAIN,
+        SOCKET_EINTR,
+        SOCKET_ETIMEDOUT,
+    ];
     /** the longest pause between two connection attempts, in seconds */
     private const MAX_BACKOFF = 0.5;
 

@@ -51,7 +51,8 @@ final class FileBreakerStore implements BreakerStore
         if ($dir !== null) {
             if (!self::privateDirectory($dir, $uid)) {
                 throw new \InvalidArgumentException(sprintf(
-                    'breakerStateDir %s must be a directory owned by uid %d with mode 0700 (or one that can be created)',
+                    'breakerStateDir %s must be a directory owned by uid %d with mode 0700'
+                    . ' (or one that can be created)',
                     $dir,
                     $uid,
                 ));
