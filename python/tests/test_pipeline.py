@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -127,15 +128,36 @@ def test_exif_orientation_is_honoured(held_out, digits_image) -> None:
     # Stored turned 90° clockwise, with the EXIF tag that tells viewers to turn it back
     # (Orientation 6 = "rotate 90° CW to display"), as phone cameras do.
     stored = upright.transpose(Image.Transpose.ROTATE_90)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    tagged = encode(stored, "PNG", exif=exif.tobytes())
+    tagged = encode(stored, "PNG", exif=_orientation(6))
     want = digits_image.preprocess({"image": [encode(upright)]})["input"]
     got = digits_image.preprocess({"image": [tagged]})["input"]
     assert torch.equal(got, want)
     ignoring = ImagePreprocess.parse({**digits.IMAGE_PIPELINE["preprocess"],
                                       "exif_transpose": False})
     assert not torch.equal(ignoring([tagged]), want)
+    # The same as a phone's JPEG, with Orientation 8 (turned the other way).
+    jpeg = encode(upright.transpose(Image.Transpose.ROTATE_270), "JPEG", quality=95,
+                  exif=_orientation(8))
+    assert (digits_image.preprocess({"image": [jpeg]})["input"] - want).abs().max() < 1.0
+
+
+def _orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+def test_wrong_image_inputs(digits_image) -> None:
+    with pytest.raises(tb.InvalidInputError, match="missing input 'image'"):
+        digits_image.preprocess({"input": [b"x"]})
+    with pytest.raises(tb.InvalidInputError, match="must be BYTES"):
+        digits_image.preprocess({"image": torch.zeros(1, 64)})
+    # Between Pillow's warning (89.5 M pixels) and error (179 M) levels: refused as well (by
+    # Pillow's warning made an error in the server process, else by max_pixels).
+    with warnings.catch_warnings(), pytest.raises(
+            tb.InvalidInputError, match="item 0 .*(decompression bomb|max_pixels)"):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        digits_image.preprocess({"image": [bomb_png(10_000, 10_000)]})
 
 
 # -- ResNet-18 ---------------------------------------------------------------------------
@@ -231,6 +253,9 @@ max_bytes = 20000
                                                     r" \(JPEG, PNG, WEBP, GIF\)"),
         ("empty", b"", r"item 1 is empty \(0 bytes\)"),
         ("bomb 50,000 x 50,000", bomb_png(50_000, 50_000), r"item 1 .*decompression bomb"),
+        # Pillow only warns at this size; the server makes that warning an error.
+        ("bomb 10,000 x 10,000", bomb_png(10_000, 10_000), r"item 1 declares an image too "
+                                                           r"large .*decompression bomb"),
         ("bomb 7,000 x 7,000", bomb_png(7_000, 7_000), r"item 1 is a PNG of 7,000 x 7,000"
                                                        r".*max_pixels"),
         ("over max_bytes", big, r"item 1 is [\d,]+ bytes, more than this model's limit of "
@@ -245,6 +270,7 @@ max_bytes = 20000
             out = c.infer("digits-image", {"image": [good]})  # the next request works
             assert out["labels"][0] == str(int(y[0])).encode(), what
     assert server.proc is not None and server.proc.poll() is None
+    assert not any("Traceback" in line or "Warning" in line for line in server.log)
 
 
 def test_batch_of_images_is_preprocessed_item_by_item(held_out, digits_image) -> None:
