@@ -132,7 +132,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def browser() -> Iterator[webdriver.Chrome]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,800",
                 # Chromium's own shared memory goes to /tmp, so /dev/shm stays as it was.
                 "--disable-dev-shm-usage"):
         options.add_argument(arg)
