@@ -90,22 +90,24 @@ def test_server_killed_mid_batch_fails_only_the_unanswered_items(make_server) ->
         assert "not re-sent" in item["message"]
 
 
+ROWS_CONFIG = ('[models.rows]\nsource = "tensorbridge.models.testing:rows"\n'
+               'max_batch_size = 32\nmax_queue_delay_us = 2000\n')
+
+
+def _rows(worker: int, item: int, fail: bool = False) -> list[list[float]]:
+    """1-3 rows unique to (worker, item); a negative first column makes the model raise."""
+    first = -1.0 if fail else float(worker)
+    return [[first, float(item), float(r), float(worker * 100 + item)]
+            for r in range(1 + (worker + item) % 3)]
+
+
 def test_batches_of_several_php_processes_merged_by_the_server_stay_apart(make_server,
                                                                          tmp_path) -> None:
-    config = tmp_path / "rows.toml"
-    config.write_text('[models.rows]\nsource = "tensorbridge.models.testing:rows"\n'
-                      'max_batch_size = 32\nmax_queue_delay_us = 2000\n')
-    server = make_server(models=[], extra=["--config", str(config)])
-
-    def rows(worker: int, item: int) -> list[list[float]]:
-        # A negative first column fails the model: one item of every other worker's batch.
-        first = -1.0 if item == 3 and worker % 2 == 0 else float(worker)
-        return [[first, float(item), float(r), float(worker * 100 + item)]
-                for r in range(1 + (worker + item) % 3)]
-
+    (tmp_path / "rows.toml").write_text(ROWS_CONFIG)
+    server = make_server(models=[], extra=["--config", str(tmp_path / "rows.toml")])
     procs = [php_popen({"socket": server.socket, "timeout": 30, "calls": [
         {"op": "infer_batch", "model": "rows", "inputs": [
-            {"x": {"dtype": "FP32", "values": rows(w, i)}} for i in range(6)]}]})
+            {"x": {"dtype": "FP32", "values": _rows(w, i)}} for i in range(6)]}]})
         for w in range(8)]
     merged = 0
     for w, p in enumerate(procs):
@@ -113,10 +115,21 @@ def test_batches_of_several_php_processes_merged_by_the_server_stay_apart(make_s
         assert p.returncode == 0, err
         (r,) = json.loads(out)
         for i, item in enumerate(r["batch"]):
-            if i == 3 and w % 2 == 0:
-                assert item["error"] == "ServerException" and "negative" in item["message"]
-                continue
-            want = [[2 * v + 1 for v in row] for row in rows(w, i)]
+            want = [[2 * v + 1 for v in row] for row in _rows(w, i)]
             assert item["value"]["y"]["values"] == want, (w, i)
             merged = max(merged, item["value"]["rows"]["values"][0] - len(want))
-    assert merged > 0  # some model calls computed rows of several items
+    assert merged > 0  # some model calls computed the rows of several items
+
+
+def test_a_failing_item_in_a_merged_model_call_fails_alone(make_server, tmp_path) -> None:
+    (tmp_path / "rows.toml").write_text(ROWS_CONFIG)
+    server = make_server(models=[], extra=["--config", str(tmp_path / "rows.toml")])
+    (r,) = php({"socket": server.socket, "timeout": 30, "calls": [
+        {"op": "infer_batch", "model": "rows", "inputs": [
+            {"x": {"dtype": "FP32", "values": _rows(1, i, fail=i == 3)}} for i in range(6)]}]})
+    for i, item in enumerate(r["batch"]):
+        if i == 3:
+            assert item["error"] == "ServerException" and "negative" in item["message"]
+        else:
+            assert item["value"]["y"]["values"] == [[2 * v + 1 for v in row]
+                                                    for row in _rows(1, i)], i
