@@ -4,6 +4,7 @@ images through the real server, and the config tables."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import warnings
 import zlib
@@ -203,6 +204,27 @@ def test_resnet18_preprocessing_follows_torchvision() -> None:
     assert int(red.argmax()) in (112, 113) and float(red[0]) < float(red.max())
     # Two images of different sizes stack: both come out 3x224x224.
     assert pre([photo(), photo(480, 640)]).shape == (2, 3, 224, 224)
+
+
+def torchvision_source(width: int, height: int) -> Image.Image:
+    """The seeded image behind tests/data/torchvision_resnet_preprocess.json (lossless: PNG)."""
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / width * 255, y / height * 255, (x * 3 + y) % 256], axis=2)
+    rgb += rng.normal(0, 20, rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def test_resnet18_preprocessing_equals_torchvision_transforms() -> None:
+    # Golden values from torchvision 0.20.1's Resize(256) / CenterCrop(224) / ToTensor /
+    # Normalize on the same PIL image (the file says how they were made).
+    golden = json.loads((DATA / "torchvision_resnet_preprocess.json").read_text())
+    pre = ImagePreprocess.parse(resnet.PIPELINE["preprocess"])
+    for case in golden["cases"]:
+        t = pre([encode(torchvision_source(*case["size"]), "PNG")])[0]
+        assert t.double().sum().item() == pytest.approx(case["sum"], abs=0.05)
+        samples = t[:, ::16, ::16].reshape(-1)
+        assert torch.allclose(samples, torch.tensor(case["samples"]), atol=2e-5)
 
 
 def test_resnet18_served_with_random_and_real_weights(make_server, tmp_path, leak_check) -> None:
