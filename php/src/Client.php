@@ -86,7 +86,7 @@ final class Client
         private readonly bool $checksums = false,
         private readonly int $spinMicros = 0,
         private readonly int $connectAttempts = 3,
-        private readonly float $connectBackoff = 0.02,
+        private readonly float $connectBackoff = 0.01,
         int $breakerThreshold = 5,
         float $breakerCoolDown = 5.0,
         ?string $breakerStateDir = null,

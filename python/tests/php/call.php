@@ -26,7 +26,7 @@ $client = new Client(
     persistent: (bool) ($cmd['persistent'] ?? false),
     checksums: (bool) ($cmd['checksums'] ?? false),
     connectAttempts: (int) ($cmd['connect_attempts'] ?? 3),
-    connectBackoff: (float) ($cmd['connect_backoff'] ?? 0.02),
+    connectBackoff: (float) ($cmd['connect_backoff'] ?? 0.01),
     breakerThreshold: (int) ($cmd['breaker_threshold'] ?? 5),
     breakerCoolDown: (float) ($cmd['breaker_cooldown'] ?? 5.0),
     breakerStateDir: $cmd['breaker_state_dir'] ?? dirname($cmd['socket']) . '/.tb-breaker',
