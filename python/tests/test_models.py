@@ -174,3 +174,18 @@ def test_digits_held_out_accuracy() -> None:
     accuracy = (out.argmax(1) == y[test_idx]).float().mean().item()
     print(f"digits held-out accuracy (tensor input): {accuracy:.4f} ({len(test_idx)} images)")
     assert accuracy >= 0.97
+
+
+def test_digits_training_script_reaches_the_accuracy(tmp_path: Path) -> None:
+    # What `python -m tensorbridge.models.digits` does (a few seconds), written elsewhere.
+    from safetensors.torch import load_file
+
+    from tensorbridge.models import digits
+
+    accuracy = digits.train(weights_out=tmp_path / "d.safetensors")
+    assert accuracy >= 0.97
+    model = digits.DigitsCNN()
+    model.load_state_dict(load_file(str(tmp_path / "d.safetensors")))
+    x, y = digits.load_data()
+    _, test_idx = digits.split()
+    assert digits.accuracy(model, x[test_idx], y[test_idx]) == accuracy

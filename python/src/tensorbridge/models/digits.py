@@ -104,8 +104,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(samples_out: Path | None = None, epochs: int = 30) -> float:
-    """Train on the training split, save the weights; return held-out accuracy."""
+def train(samples_out: Path | None = None, epochs: int = 30, weights_out: Path = WEIGHTS
+          ) -> float:
+    """Train on the training split, save the weights to ``weights_out``; return held-out
+    accuracy. ``samples_out``: also write ten held-out samples for the PHP demo there."""
     from safetensors.torch import save_file
 
     torch.manual_seed(SEED)
@@ -131,7 +133,7 @@ def train(samples_out: Path | None = None, epochs: int = 30) -> float:
         acc = accuracy(model, x[test_idx], y[test_idx])
     finally:
         torch.set_num_threads(threads)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(WEIGHTS))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights_out))
     if samples_out is not None:
         from sklearn.datasets import load_digits
 
