@@ -348,7 +348,7 @@ def test_pipeline_config_errors_name_the_problem(tmp_path: Path) -> None:
 def test_toml_tables_configure_the_pipeline(tmp_path: Path, held_out) -> None:
     labels = tmp_path / "names.txt"
     labels.write_text("".join(f"digit {d}\n" for d in range(10)))
-    (tmp_path / "tb.toml").write_text(f"""
+    (tmp_path / "tb.toml").write_text("""
 [models.digits-image]
 source = "tensorbridge.models.digits:create"
 [models.digits-image.preprocess]
@@ -360,9 +360,10 @@ scale = 0.0627451
 layout = "flat"
 [models.digits-image.postprocess]
 top_k = 2
-labels = "{labels}"
+labels = "names.txt"
 """)
     (config,) = tb.ServerConfig.from_toml(tmp_path / "tb.toml").models
+    assert config.postprocess == {"top_k": 2, "labels": str(labels)}  # beside the TOML file
     model = tb.load_model(config)
     assert model.forward_signature.inputs[0].name == "input"  # type: ignore[index]
     assert model.metadata()["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]

@@ -133,6 +133,9 @@ class ServerConfig:
                 value = table.get(key)
                 if value and ":" not in value and not Path(value).is_absolute():
                     table[key] = str(base / value)
+            labels = (table.get("postprocess") or {}).get("labels")  # a file beside the config
+            if isinstance(labels, str) and ":" not in labels and not Path(labels).is_absolute():
+                table["postprocess"] = {**table["postprocess"], "labels": str(base / labels)}
             table.pop("name", None)
             config.models.append(ModelConfig(name=name, **table))
         return config
