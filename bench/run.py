@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -207,6 +208,40 @@ class DirectJpeg:
         return out
 
 
+def closed_loop(svc: Services, job: dict[str, Any], level: int, servers: list[Any],
+                label: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``level`` PHP processes calling in a loop for ``job["duration"]`` s, started together
+    after their warm-up: (row with req/s, p50, p99, CPU per request; raw client results)."""
+    start = svc.tmp / ("start-" + re.sub(r"[^A-Za-z0-9]+", "_", label))
+    job = {**job, "start": str(start)}
+    procs = [subprocess.Popen(["php", str(PHP_CLIENT)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(level)]
+    for p in procs:
+        p.stdin.write(json.dumps(job))  # type: ignore[union-attr]
+        p.stdin.close()  # type: ignore[union-attr]
+        p.stdin = None  # communicate() must not flush it again
+    # Start the clock only when every process has finished its warm-up.
+    deadline = time.monotonic() + 600
+    while len(list(svc.tmp.glob(start.name + ".ready.*"))) < level:
+        if time.monotonic() > deadline or any(p.poll() for p in procs):
+            raise RuntimeError(f"{label}: clients did not get ready")
+        time.sleep(0.01)
+    cpu0 = sum(svc.cpu_seconds(s) for s in servers)
+    start.touch()
+    results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    cpu1 = sum(svc.cpu_seconds(s) for s in servers)
+    samples = [s for r in results for s in r["samples_us"]]
+    wall = max(r["wall_us"] for r in results) / 1e6
+    summary = summarize(samples)
+    row = {"processes": level, "req_s": len(samples) / wall, "p50": summary["p50"],
+           "p99": summary["p99"], "n": len(samples),
+           "server_cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, len(samples)),
+           "client_cpu_us_per_req": sum(r["cpu_us"] for r in results) / max(1, len(samples))}
+    log(f"[{label}] {level:>2} processes: {row['req_s']:.1f} req/s, p50 {row['p50']:.0f} us, "
+        f"p99 {row['p99']:.0f} us")
+    return row, results
+
+
 def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
                duration: float) -> list[dict[str, Any]]:
     """Concurrent PHP processes for ``duration`` s: req/s, p50, p99, CPU per request."""
@@ -214,41 +249,83 @@ def throughput(svc: Services, levels: list[int], modes: list[str], repeats: int,
     for rep in range(repeats):
         for level in levels:
             for mode in (modes if rep % 2 == 0 else modes[::-1]):
-                start = svc.tmp / f"start-{rep}-{level}-{mode}"
                 server = svc.tb if mode.startswith("tb_") else svc.http
                 warmup = 3 if "resnet" in mode else 20
-                job = {**svc.job(mode), "warmup": warmup, "duration": duration,
-                       "start": str(start)}
-                procs = [subprocess.Popen(["php", str(PHP_CLIENT)], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, text=True)
-                         for _ in range(level)]
-                for p in procs:
-                    p.stdin.write(json.dumps(job))  # type: ignore[union-attr]
-                    p.stdin.close()  # type: ignore[union-attr]
-                    p.stdin = None  # communicate() must not flush it again
-                # Start the clock only when every process has finished its warm-up.
-                deadline = time.monotonic() + 600
-                while len(list(svc.tmp.glob(start.name + ".ready.*"))) < level:
-                    if time.monotonic() > deadline or any(p.poll() for p in procs):
-                        raise RuntimeError(f"S5 {mode} x{level}: clients did not get ready")
-                    time.sleep(0.01)
-                cpu0 = svc.cpu_seconds(server)
-                start.touch()
-                results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
-                cpu1 = svc.cpu_seconds(server)
-                samples = [s for r in results for s in r["samples_us"]]
-                wall = max(r["wall_us"] for r in results) / 1e6
-                summary = summarize(samples)
-                row = {"repeat": rep, "processes": level, "mode": mode,
-                       "req_s": len(samples) / wall, "p50": summary["p50"],
-                       "p99": summary["p99"],
-                       "server_cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, len(samples)),
-                       "client_cpu_us_per_req": sum(r["cpu_us"] for r in results)
-                       / max(1, len(samples))}
-                rows.append(row)
-                log(f"[S5 repeat {rep + 1}/{repeats}] {level:>2} processes {mode}: "
-                    f"{row['req_s']:.0f} req/s, p50 {row['p50']:.0f} us, "
-                    f"p99 {row['p99']:.0f} us")
+                job = {**svc.job(mode), "warmup": warmup, "duration": duration}
+                row, _ = closed_loop(svc, job, level, [server],
+                                     f"S5 repeat {rep + 1}/{repeats} {mode} x{level}")
+                rows.append({"repeat": rep, "mode": mode, **row})
+    return rows
+
+
+#: S7's servers: (name, torch threads, TOML models). ResNet-18 with batching off and on, as one
+#: instance with 2 intra-op threads, as 2 thread instances with 1 each, and as 2 processes.
+S7_DELAY_US = 2000
+S7_BATCH = 16
+_S7_ON = (f"max_batch_size = {S7_BATCH}\nmax_queue_delay_us = {S7_DELAY_US}\n"
+          "max_queue = 1024\n")
+S7_SERVERS = [
+    ("s7-threads2", 2, f"[models.off]\nsource = \"vision:resnet18\"\n"
+                       f"[models.on]\nsource = \"vision:resnet18\"\n{_S7_ON}"),
+    ("s7-instances2", 1, f"[models.off]\nsource = \"vision:resnet18\"\ninstances = 2\n"
+                         f"[models.on]\nsource = \"vision:resnet18\"\ninstances = 2\n{_S7_ON}"),
+    ("s7-proc-a", 1, "[models.off]\nsource = \"vision:resnet18\"\n"),
+    ("s7-proc-b", 1, "[models.off]\nsource = \"vision:resnet18\"\n"),
+]
+#: variant -> (servers, model)
+S7_VARIANTS = {
+    "off: 1 instance x 2 threads": (["s7-threads2"], "off"),
+    "on: 1 instance x 2 threads": (["s7-threads2"], "on"),
+    "off: 2 instances x 1 thread": (["s7-instances2"], "off"),
+    "on: 2 instances x 1 thread": (["s7-instances2"], "on"),
+    "off: 2 processes x 1 thread": (["s7-proc-a", "s7-proc-b"], "off"),
+}
+
+
+def batching(svc: Services, levels: list[int], repeats: int, duration: float
+             ) -> list[dict[str, Any]]:
+    """S7: ResNet-18 under 1..64 PHP processes, dynamic batching off vs on, thread instances
+    vs processes; img/s, p50/p99 and the batch sizes the requests were computed in."""
+    procs = {}
+    for name, threads, toml in S7_SERVERS:
+        config = svc.tmp / f"{name}.toml"
+        config.write_text(toml)
+        procs[name] = svc._spawn(name, [
+            sys.executable, "-m", "tensorbridge", "serve", "--socket",
+            str(svc.tmp / f"{name}.sock"), "--threads", str(threads), "--device", svc.device,
+            "--log-level", "warning", "--config", str(config)], "ready on")
+    rows = []
+    try:
+        for rep in range(repeats):
+            for level in levels:
+                variants = list(S7_VARIANTS.items())
+                for variant, (servers, model) in (variants if rep % 2 == 0
+                                                  else variants[::-1]):
+                    job = {"mode": "tb_model", "model": model, "warmup": 2,
+                           "duration": duration,
+                           "sockets": [str(svc.tmp / f"{s}.sock") for s in servers]}
+                    row, results = closed_loop(svc, job, level, [procs[s] for s in servers],
+                                               f"S7 repeat {rep + 1}/{repeats} {variant} "
+                                               f"x{level}")
+                    sizes = [b for r in results for b in r["batch_sizes"]]
+                    compute = [c for r in results for c in r["compute_us"]]
+                    per_size: dict[int, int] = {}
+                    for b in sizes:
+                        per_size[b] = per_size.get(b, 0) + 1
+                    calls = sum(n / b for b, n in per_size.items() if b)
+                    rows.append({"repeat": rep, "variant": variant, **row,
+                                 "batching": variant.startswith("on"),
+                                 "requests_by_batch_size": {str(b): n for b, n in
+                                                            sorted(per_size.items())},
+                                 "mean_batch": len(sizes) / calls if calls else 0.0,
+                                 "compute_p50": summarize(compute)["p50"] if compute else 0.0,
+                                 "compute_p99": summarize(compute)["p99"] if compute else 0.0,
+                                 "delay_us": S7_DELAY_US if variant.startswith("on") else 0})
+    finally:
+        for name in procs:
+            procs[name].send_signal(signal.SIGTERM)
+        for name in procs:
+            procs[name].wait(30)
     return rows
 
 
@@ -387,6 +464,17 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     if ratios:
         goal("S5 no-op model at 16 processes >= 5x the req/s of HTTP (uvicorn)", ratios, 5.0,
              True, "TensorBridge req/s / HTTP+JSON req/s")
+    s7 = results.get("S7", [])
+    ratios = []
+    for rep in {row["repeat"] for row in s7}:
+        at16 = {row["variant"]: row["req_s"] for row in s7
+                if row["repeat"] == rep and row["processes"] == 16}
+        on, off = at16.get("on: 1 instance x 2 threads"), at16.get("off: 1 instance x 2 threads")
+        if on and off:
+            ratios.append(on / off)
+    if ratios:
+        goal("S7 ResNet-18 at 16 processes: batching >= 1.3x the unbatched img/s", ratios, 1.3,
+             True, "img/s with dynamic batching / without (1 instance, 2 torch threads)")
     s4 = results["S4"]
     goal("S4 overhead beyond preprocessing + model <= 0.3 ms",
          [r["tb_jpeg"]["extra"]["p50"] / 1000 for r in s4], 0.3, False,
@@ -432,7 +520,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(BENCH / "results"))
     parser.add_argument("--docs", default=str(ROOT / "docs"),
                         help="where benchmarks.md and img/ go ('' = nowhere)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated scenarios (e.g. S7) for a partial run: no goals, "
+                             "no docs")
     args = parser.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
     quick = args.quick
     repeats = args.repeats or (1 if quick else 3)
 
@@ -442,45 +534,52 @@ def main() -> int:
     svc = Services(args.threads, args.device)
     svc.start()
     results: dict[str, Any] = {}
-    try:
-        results["S1"] = latency_scenario(svc, "S1", {
+    scenarios = {
+        "S1": lambda: latency_scenario(svc, "S1", {
             "tb_tiny": n(1000, 20), "tb_tiny_spin": n(1000, 20), "http_json_tiny": n(500, 20),
             "http_orjson_tiny": n(500, 20), "http_binary_tiny": n(500, 20),
             "floor_uds": n(1000, 20), "floor_shm_tiny": n(1000, 20)},
-            repeats, n(4, 1), n(200, 5))
-        results["S2"] = latency_scenario(svc, "S2", {
+            repeats, n(4, 1), n(200, 5)),
+        "S2": lambda: latency_scenario(svc, "S2", {
             "tb_large": n(300, 5), "http_binary_large": n(150, 5),
             "http_json_large": n(8, 2), "http_orjson_large": n(8, 2),
-            "floor_shm_large": n(300, 5)}, repeats, n(3, 1), n(20, 2))
-        results["S3"] = latency_scenario(svc, "S3", {"tb_array": n(60, 3), "pack_only": n(60, 3)},
-                                         repeats, n(3, 1), n(5, 1))
-        results["S4"] = latency_scenario(svc, "S4", {
+            "floor_shm_large": n(300, 5)}, repeats, n(3, 1), n(20, 2)),
+        "S3": lambda: latency_scenario(svc, "S3", {"tb_array": n(60, 3), "pack_only": n(60, 3)},
+                                       repeats, n(3, 1), n(5, 1)),
+        "S4": lambda: latency_scenario(svc, "S4", {
             "tb_jpeg": n(10, 1), "http_jpeg": n(10, 1), "seed_gd": n(10, 1),
             "direct_jpeg": n(10, 1)}, repeats, n(3, 1), n(2, 1),
-            direct={"direct_jpeg": DirectJpeg(svc)})
-        results["S5"] = throughput(svc, [1, 4, 16, 64] if not quick else [1, 4],
-                                   ["tb_tiny", "http_json_tiny"], repeats, n(3.0, 0.3))
-        results["S5"] += throughput(svc, [1, 4, 16] if not quick else [1],
-                                    ["tb_resnet", "http_binary_resnet"], repeats, n(5.0, 0.5))
-        results["S6"] = web_stack(svc, repeats, n(5, 1))
+            direct={"direct_jpeg": DirectJpeg(svc)}),
+        "S5": lambda: throughput(svc, [1, 4, 16, 64] if not quick else [1, 4],
+                                 ["tb_tiny", "http_json_tiny"], repeats, n(3.0, 0.3))
+        + throughput(svc, [1, 4, 16] if not quick else [1],
+                     ["tb_resnet", "http_binary_resnet"], repeats, n(5.0, 0.5)),
+        "S6": lambda: web_stack(svc, repeats, n(5, 1)),
+        "S7": lambda: batching(svc, [1, 4, 16, 64] if not quick else [1, 4], n(2, 1),
+                               n(6.0, 0.5)),
+    }
+    try:
+        for name, scenario in scenarios.items():
+            if not only or name in only:
+                results[name] = scenario()
     finally:
         svc.stop()
     record = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": machine(), "versions": versions(),
               "config": {"quick": quick, "repeats": repeats, "threads": args.threads,
                          "device": args.device}, **results}
-    record["goals"] = goals(record)
+    record["goals"] = goals(record) if not only else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = out / f"{stamp}{'-quick' if quick else ''}.json"
+    path = out / f"{stamp}{'-quick' if quick else ''}{'-partial' if only else ''}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     log(f"\nresults: {path}")
     for g in record["goals"]:
         verdict = "pending" if g["met"] is None else ("met" if g["met"] else "missed")
         ratio = "" if g["met"] is None else f" {g['ratio']:.3g} (target {g['target']:g})"
         print(f"{verdict:>7}: {g['goal']}{ratio}")
-    if args.docs:
+    if args.docs and not only:
         import report
 
         report.main(str(path), Path(args.docs))

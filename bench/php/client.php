@@ -90,6 +90,11 @@ function floorTrip(array $conn, string $payload): void
 $url = $job['url'] ?? '';
 $ch = curl_init();
 curl_setopt($ch, CURLOPT_TCP_NODELAY, true);
+$batchSizes = [];
+$computeUs = [];
+if (isset($job['sockets'])) {   // S7's two-process variant: each PHP process picks one server
+    $job['socket'] = $job['sockets'][getmypid() % count($job['sockets'])];
+}
 $client = isset($job['socket'])
     ? new Client($job['socket'], timeout: 30.0, spinMicros: str_ends_with($mode, '_spin') ? 50 : 0)
     : null;
@@ -124,11 +129,19 @@ $call = match ($mode) {
         $t = hrtime(true);
         $out = $client->infer('jpeg', ['image' => Tensor::fromArray([$jpeg], 'bytes')])['index']->toArray();
         $timing = $client->lastTiming();   // overhead = round trip - queue - preprocessing + model
-        $extraUs[] = (hrtime(true) - $t) / 1e3 - $timing['queue_us'] - $timing['compute_us'];
+        $extraUs[] = (hrtime(true) - $t) / 1e3 - $timing['queue_us'] - $timing['compute_us'] - $timing['preprocess_us'];
         return $out;
     },
     'http_jpeg' => fn () => json_decode(curlPost($ch, "$url/jpeg/resnet", $jpeg, ['Content-Type: image/jpeg']), true),
     // S5 with ResNet-18: the 602,112-byte tensor from a PHP string
+    // S7: any ResNet-18 variant of the batching servers (model and socket from the job).
+    'tb_model' => function () use ($client, $bytes, $job, &$batchSizes, &$computeUs) {
+        $out = $client->infer($job['model'], ['input' => Tensor::fromBytes($bytes, 'float32', [1, 3, 224, 224])]);
+        $timing = $client->lastTiming();
+        $batchSizes[] = $timing['batch_size'];
+        $computeUs[] = $timing['compute_us'];
+        return $out['prob']->toArray();
+    },
     'tb_resnet' => fn () => $client->infer('resnet', ['input' => Tensor::fromBytes($bytes, 'float32', [1, 3, 224, 224])])['prob']->toArray(),
     'http_binary_resnet' => fn () => curlPost($ch, "$url/binary/resnet", $bytes, ['Content-Type: application/octet-stream', 'X-Shape: 1,3,224,224']),
     default => throw new InvalidArgumentException("unknown mode $mode"),
@@ -158,4 +171,6 @@ $wall = (hrtime(true) - $t0) / 1e3;
 $r1 = getrusage();
 $cpu = ($r1['ru_utime.tv_sec'] - $r0['ru_utime.tv_sec'] + $r1['ru_stime.tv_sec'] - $r0['ru_stime.tv_sec']) * 1e6
     + ($r1['ru_utime.tv_usec'] - $r0['ru_utime.tv_usec'] + $r1['ru_stime.tv_usec'] - $r0['ru_stime.tv_usec']);
-echo json_encode(['samples_us' => $samples, 'extra_us' => $extraUs, 'wall_us' => $wall, 'cpu_us' => $cpu]), "\n";
+$warm = (int) ($job['warmup'] ?? 10);   // the batch sizes and compute times of the measured calls
+echo json_encode(['samples_us' => $samples, 'extra_us' => $extraUs, 'wall_us' => $wall, 'cpu_us' => $cpu,
+    'batch_sizes' => array_slice($batchSizes, $warm), 'compute_us' => array_slice($computeUs, $warm)]), "\n";

@@ -743,12 +743,13 @@ class _Connection:
             reply = self._place_outputs(outputs, *job.extra["out"])
             done = time.monotonic()
             pre_s = job.extra["preprocess_s"] + (t1 - t0)
-            reply.queue_us = int((job.started - job.arrived) * 1e6)
+            queue_s = max(0.0, job.started - job.arrived - job.extra["preprocess_s"])
+            reply.queue_us = int(queue_s * 1e6)
             reply.compute_us = int((done - job.started - (t1 - t0)) * 1e6)
             reply.preprocess_us = int(pre_s * 1e6)
             reply.batch_size = batch_rows
             frame = self._frame(FrameType.INFER_OK, rid, encode_infer_ok(reply))
-            self._count(model.name, status, job.started - job.arrived, pre_s,
+            self._count(model.name, status, queue_s, pre_s,
                         done - job.started - (t1 - t0), done - job.arrived)
             slow = self.server.config.slow_ms
             if slow and (done - job.arrived) * 1000 > slow:
