@@ -101,7 +101,52 @@ def render(res: dict[str, Any]) -> str:
                            f"{_fmt(_med([r['p99'] for r in rows]))} |")
     else:
         out.append("Skipped in this run (needs nginx, php-fpm and wrk).")
+    if res.get("S7"):
+        out += ["", *batching_section(res["S7"])]
     return "\n".join(out) + "\n"
+
+
+def _s7_cell(rows: list[dict[str, Any]], level: int, variant: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["processes"] == level and r["variant"] == variant]
+
+
+def batching_section(rows: list[dict[str, Any]]) -> list[str]:
+    """S7: dynamic batching off/on and instance layouts, with the batch sizes seen."""
+    delay = max(r["delay_us"] for r in rows)
+    out = ["## S7 dynamic batching and instances: ResNet-18, concurrent PHP processes", "",
+           "![batching](img/batching.png)", "",
+           "Each PHP process sends one 1x3x224x224 image per call in a loop. *on* = "
+           f"`max_batch_size = 16`, `max_queue_delay_us = {delay}`; *off* = one request per "
+           "forward. *2 processes* = two servers with one instance each, the PHP processes "
+           "split between them (what process instances would give). \"batch\" is the mean "
+           "number of requests per forward; \"model p50\" the server-measured compute time "
+           "of a request's forward.", "",
+           "| processes | variant | img/s | p50 | p99 | batch | model p50 | model p99 |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for level in sorted({r["processes"] for r in rows}):
+        for variant in variants:
+            cell = _s7_cell(rows, level, variant)
+            if not cell:
+                continue
+            out.append(f"| {level} | {variant} | {_med([r['req_s'] for r in cell]):.1f} | "
+                       f"{_fmt(_med([r['p50'] for r in cell]))} | "
+                       f"{_fmt(_med([r['p99'] for r in cell]))} | "
+                       f"{_med([r['mean_batch'] for r in cell]):.1f} | "
+                       f"{_fmt(_med([r['compute_p50'] for r in cell]))} | "
+                       f"{_fmt(_med([r['compute_p99'] for r in cell]))} |")
+    out += ["", "Requests by the size of the forward they were computed in (all repeats):", "",
+            "| processes | variant | requests by batch size |", "|---:|---|---|"]
+    for level in sorted({r["processes"] for r in rows}):
+        for variant in variants:
+            hist: dict[int, int] = {}
+            for r in _s7_cell(rows, level, variant):
+                for size, n in r["requests_by_batch_size"].items():
+                    hist[int(size)] = hist.get(int(size), 0) + n
+            if hist and variant.startswith("on"):
+                out.append(f"| {level} | {variant} | "
+                           + ", ".join(f"{b}: {n}" for b, n in sorted(hist.items())) + " |")
+    return out
 
 
 def plots(res: dict[str, Any], img: Path) -> None:
@@ -153,6 +198,31 @@ def plots(res: dict[str, Any], img: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(img / "throughput.png", dpi=110)
+    plt.close(fig)
+    if res.get("S7"):
+        batching_plot(res, img, plt)
+
+
+def batching_plot(res: dict[str, Any], img: Path, plt: Any) -> None:
+    rows = res["S7"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        levels = sorted({r["processes"] for r in rows if r["variant"] == variant})
+        style = "-" if variant.startswith("on") else "--"
+        for ax, key in ((left, "req_s"), (right, "p99")):
+            values = [_med([r[key] for r in _s7_cell(rows, lv, variant)]) for lv in levels]
+            if key == "p99":
+                values = [v / 1000 for v in values]
+            ax.plot(levels, values, style, marker="o", label=variant)
+    for ax, title in ((left, "images / s"), (right, "p99 latency, ms (log)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent PHP processes")
+        ax.set_title(f"S7 ResNet-18: {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "batching.png", dpi=110)
     plt.close(fig)
 
 

@@ -555,7 +555,7 @@ def main() -> int:
         + throughput(svc, [1, 4, 16] if not quick else [1],
                      ["tb_resnet", "http_binary_resnet"], repeats, n(5.0, 0.5)),
         "S6": lambda: web_stack(svc, repeats, n(5, 1)),
-        "S7": lambda: batching(svc, [1, 4, 16, 64] if not quick else [1, 4], n(2, 1),
+        "S7": lambda: batching(svc, [1, 4, 16, 64] if not quick else [2], n(2, 1),
                                n(6.0, 0.5)),
     }
     try:
