@@ -9,6 +9,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 
 import torch
 
@@ -23,10 +24,13 @@ from ._models import ModelConfig
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
+#: ``health``/``models`` when the server does not answer, or (health) is not ready: the
+#: exit status probes (systemd, Kubernetes exec probes, Supervisor scripts) read as "down".
+EXIT_UNAVAILABLE = 1
 
-# SIGTERM is what systemd/supervisor send; SIGINT is Ctrl-C. Both stop cleanly: connections
-# close, regions are released, the socket file is removed.
+# SIGTERM is what systemd/supervisor send; SIGINT is Ctrl-C. Both drain: stop accepting, answer
+# the requests in flight (up to drain_timeout), then close connections, release regions and
+# remove the socket file.
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="(env TENSORBRIDGE_LOG_LEVEL; default %(default)s)")
 
     for name, text in (("models", "list the models a running server has loaded"),
-                       ("health", "check that a server answers (exit 3 if not)")):
+                       ("health", "exit 0 when a server answers and every model is ready, else 1")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--socket", default=None, help=sock_help.replace(
             "%(default)s", default_socket_path()))
@@ -160,7 +164,9 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
     server.load_models()
     for sig in HANDLED_SIGNALS:
-        signal.signal(sig, lambda *_: server.stop())
+        # Drain in a thread: the handler runs in the main thread, which serve_forever blocks.
+        signal.signal(sig, lambda *_: threading.Thread(
+            target=server.drain, args=(config.drain_timeout,), daemon=True).start())
     server.start()
     ready = f"tensorbridge {__version__} ready on {config.socket}"
     if config.log_format == "json":
@@ -178,6 +184,10 @@ def _query(args: argparse.Namespace) -> int:
             result = client.ping() if args.command == "health" else client.models()
     except TensorBridgeError as exc:
         print(f"tensorbridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.command == "health" and not result.get("ready", True):
+        print(f"tensorbridge health: the server answers but is not ready: {result}",
+              file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.format == "json":
         print(json.dumps(result, indent=2))

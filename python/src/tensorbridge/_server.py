@@ -230,7 +230,13 @@ class Server:
                            "pid": os.getpid(), "connections_accepted": self.accepted,
                            "connections_open": len(self.connections),
                            "requests_in_flight": sum(c.pending for c in list(self.connections)),
+                           "ready": self.ready(),
                            "models": sorted(self.models)}).encode()
+
+    def ready(self) -> bool:
+        """Serving, not draining, and every model has a healthy instance."""
+        return (not self.draining and not self._stopped.is_set()
+                and all(q.healthy_instances() > 0 for q in self._queues.values()))
 
     def metadata(self) -> bytes:
         """MODELS_OK body (spec §4.1)."""
