@@ -234,3 +234,28 @@ def test_restart_after_sigterm_and_stale_socket(tmp_path: Path, signum: int) -> 
     srv.proc.send_signal(signum)
     assert srv.proc.wait(WAIT) == 0
     assert not os.path.exists(sock)
+
+
+def test_peer_gone_before_its_reply_is_closed(make_server, leak_check: None) -> None:
+    """A client that sends a request and dies at once (PHP-FPM's request timeout, kill -9)
+    leaves nothing behind, even when the server's reply finds the socket already closed."""
+    import socket as sockets
+
+    from tensorbridge._spec import FrameType
+    from tensorbridge._wire import encode_attach, encode_frame
+
+    srv = make_server([MODEL["echo"]], ["--warmup", "0"])
+    frames = [encode_frame(FrameType.PING, 1),
+              encode_frame(FrameType.ATTACH, 2, encode_attach(0, 1 << 20))]
+    with tb.Client(srv.socket, timeout=5.0) as probe:
+        before = probe.ping()["connections_open"], srv.memfds()
+        for n in range(40):
+            with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as s:
+                s.connect(srv.socket)
+                s.sendall(frames[n % 2])
+        end = time.monotonic() + 10  # closing takes milliseconds; this bounds a failing run
+        while probe.ping()["connections_open"] > 1 and time.monotonic() < end:
+            time.sleep(0.05)
+        after = probe.ping()["connections_open"], srv.memfds()
+    assert before == (1, 0)
+    assert after == before, "connections whose reply failed were never closed"
