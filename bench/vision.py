@@ -76,8 +76,8 @@ def jpeg_resnet18() -> JpegResNet18:
     return JpegResNet18().eval()
 
 
-def make_jpeg(path: str, width: int = 1024, height: int = 768) -> bytes:
-    """A synthetic photo-like 1024x768 JPEG (gradients, shapes, noise), written to ``path``."""
+def make_jpeg(path: str | None, width: int = 1024, height: int = 768) -> bytes:
+    """A synthetic photo-like JPEG (gradients, shapes, noise), written to ``path`` if given."""
     rng = np.random.default_rng(7)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     rgb = np.stack([x / width * 255, y / height * 255, (x + y) % 256], axis=2)
@@ -86,6 +86,49 @@ def make_jpeg(path: str, width: int = 1024, height: int = 768) -> bytes:
     data = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     data.save(buf, "JPEG", quality=90)
-    with open(path, "wb") as f:
-        f.write(buf.getvalue())
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
     return buf.getvalue()
+
+
+def preprocess_costs(repeats: int = 200) -> dict[str, float]:
+    """Median milliseconds per image of the package's server-side preprocessing, on one
+    thread (the numbers in docs/models.md)."""
+    import statistics
+    import time
+
+    from tensorbridge._pipeline import ImagePreprocess
+    from tensorbridge.models import digits, resnet
+
+    x, _ = digits.load_data()
+    gray = np.round(255 - x[digits.split()[1][0]].numpy().reshape(8, 8) * 255 / 16)
+    canvas = Image.fromarray(gray.astype(np.uint8), "L").resize((256, 256), Image.NEAREST)
+    buf = io.BytesIO()
+    canvas.convert("RGBA").save(buf, "PNG")  # as a browser's canvas.toBlob() sends it
+    cases = {
+        "resnet18, 640x480 JPEG": (resnet.PIPELINE["preprocess"], make_jpeg(None, 640, 480)),
+        "resnet18, 4032x3024 JPEG": (resnet.PIPELINE["preprocess"],
+                                     make_jpeg(None, 4032, 3024)),
+        "resnet18, 4032x3024 JPEG, draft off": ({**resnet.PIPELINE["preprocess"],
+                                                 "draft": False}, make_jpeg(None, 4032, 3024)),
+        "digits-image, 256x256 canvas PNG": (digits.IMAGE_PIPELINE["preprocess"],
+                                             buf.getvalue()),
+    }
+    torch.set_num_threads(1)
+    out = {}
+    for name, (config, data) in cases.items():
+        pre = ImagePreprocess.parse(config)
+        n = repeats if len(data) < 1_000_000 else max(5, repeats // 20)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            pre([data])
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times) * 1000
+    return out
+
+
+if __name__ == "__main__":
+    for case, ms in preprocess_costs().items():
+        print(f"{case}: {ms:.2f} ms")

@@ -264,7 +264,6 @@ class ImagePreprocess:
 
     def _draft_size(self, size: tuple[int, int]) -> tuple[int, int] | None:
         """The smallest decode size that still gives the resizes below all their pixels."""
-        width, height = size
         if self.resize is not None:
             h, w = self.resize
             # Orientation may swap the sides later, so ask for the larger one both ways.
