@@ -94,6 +94,17 @@ def test_breaker_opens_fails_fast_without_connecting_then_one_probe_closes_it(
     assert not list((tmp_path / ".tb-breaker").iterdir())  # closed: no state file remains
 
 
+def test_consecutive_timeouts_open_the_breaker_too(server) -> None:
+    slow = {"op": "infer", "model": "sleep",
+            "inputs": {"ms": {"dtype": "FP32", "values": [600.0]}}}
+    first, second, fast, state = php({"socket": server.socket, "timeout": 0.2,
+                                      "breaker_threshold": 2, "breaker_cooldown": 30,
+                                      "calls": [slow, slow, {"op": "ping"}, {"op": "breaker"}]})
+    assert first["error"] == second["error"] == "TimeoutException"
+    assert fast["error"] == "CircuitOpenException" and "timed out" in fast["message"]
+    assert state["state"] == "open"
+
+
 def test_request_in_flight_when_the_server_dies_is_not_resent(make_server,
                                                               tmp_path: Path) -> None:
     server = make_server()
