@@ -565,7 +565,8 @@ class _Connection:
             with self._lock:
                 if self.closed or self.eof:
                     self.owned = False
-                    return
+                    gone = self.eof and not self.closed
+                    break
                 if self._has_frame():
                     if not self._blocked():
                         continue  # a request finished while we were checking
@@ -575,6 +576,8 @@ class _Connection:
                 self.owned = False
                 self.server.arm(self)
                 return
+        if gone:
+            self._close_when_idle()  # a reply failed: the peer is gone
 
     def _has_frame(self) -> bool:
         return (len(self._buf) >= HEADER_SIZE
@@ -822,13 +825,18 @@ class _Connection:
                 raise InvalidInputError(f"input {d.name!r}: malformed BYTES tensor: {exc}"
                                         ) from None
         assert d.dtype.torch is not None
-        if d.location == LOCATION_REGION:
-            assert self.region is not None
-            tensor = self.region.view(d.dtype.torch, d.offset, d.count, d.shape)
-        elif d.count:
-            tensor = torch.frombuffer(bytearray(raw), dtype=d.dtype.torch).view(d.shape)
-        else:
-            tensor = torch.empty(d.shape, dtype=d.dtype.torch)
+        try:
+            if d.location == LOCATION_REGION:
+                assert self.region is not None
+                tensor = self.region.view(d.dtype.torch, d.offset, d.count, d.shape)
+            elif d.count:
+                tensor = torch.frombuffer(bytearray(raw), dtype=d.dtype.torch).view(d.shape)
+            else:
+                tensor = torch.empty(d.shape, dtype=d.dtype.torch)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            # e.g. an empty tensor whose other dims are too large for torch to index
+            raise InvalidInputError(f"input {d.name!r}: shape {list(d.shape)} cannot be made "
+                                    f"into a tensor ({exc}); send dims below 2^31") from None
         if d.dtype.name == "BOOL" and d.count and tensor.view(torch.uint8).max() > 1:
             raise InvalidInputError(f"input {d.name!r}: BOOL items must be 0 or 1")
         return tensor
