@@ -7,10 +7,12 @@ export PYTHONDONTWRITEBYTECODE = 1
 # package is installed (the editable install is only for the dependencies and the command).
 export PYTHONPATH := $(CURDIR)/python/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup demo demo-stop test test-python test-php lint bench bench-quick vectors clean
+.PHONY: setup demo demo-stop test test-python test-php lint bench bench-quick vectors clean soak fuzz
 
 APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit nginx-light wrk \
   chromium chromium-driver
+# promtool (Debian package prometheus, without its recommends) checks deploy/prometheus/.
+APT_TOOLS = prometheus
 
 # Installs: PHP (CLI, FPM; curl and gd for the benchmark baselines), phpunit, nginx and wrk,
 # chromium and chromium-driver for the web demo's browser test (apt, only when missing),
@@ -21,7 +23,11 @@ setup:
 	  echo "installing $(APT_PACKAGES) ..."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    $(APT_PACKAGES) >/dev/null; fi
-	@$(PYTHON) -c "import tensorbridge, torch, sklearn, pytest, fastapi, uvicorn, orjson, matplotlib, selenium" \
+	@if ! dpkg -s $(APT_TOOLS) >/dev/null 2>&1; then \
+	  echo "installing $(APT_TOOLS) ..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(APT_TOOLS) >/dev/null; fi
+	@$(PYTHON) -c "import tensorbridge, torch, sklearn, pytest, fastapi, uvicorn, orjson, matplotlib, selenium, prometheus_client, hypothesis, supervisor" \
 	  2>/dev/null || { echo "installing torch==2.13.0 and python/[dev,bench] ..."; \
 	  $(PYTHON) -m pip install -q torch==2.13.0 && \
 	  $(PYTHON) -m pip install -q -e 'python[dev,bench]'; }
@@ -46,6 +52,18 @@ test-python:
 
 test-php:
 	cd php && phpunit
+
+# Longer crash-recovery runs (defaults: 30 server kills, 200 client kills, 8 PHP processes x
+# 5000 requests); each figure can be overridden: make soak TB_KILLS=100.
+soak: setup
+	cd python && TB_KILLS=$${TB_KILLS:-30} TB_CLIENT_KILLS=$${TB_CLIENT_KILLS:-200} \
+	  TB_SOAK_PROCS=$${TB_SOAK_PROCS:-8} TB_SOAK_REQUESTS=$${TB_SOAK_REQUESTS:-5000} \
+	  $(PYTHON) -m pytest -q -s tests/test_crash.py
+
+# 200,000 fuzzed frames and 5,000 hypothesis examples (TB_FUZZ_SEED=N replays a run).
+fuzz: setup
+	cd python && TB_FUZZ_FRAMES=$${TB_FUZZ_FRAMES:-200000} \
+	  TB_FUZZ_EXAMPLES=$${TB_FUZZ_EXAMPLES:-5000} $(PYTHON) -m pytest -q -s tests/test_fuzz.py
 
 # The full side-by-side run: several minutes; writes bench/results/, docs/benchmarks.md, plots.
 bench: setup
