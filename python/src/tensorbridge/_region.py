@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import mmap
 import os
 
@@ -62,6 +63,12 @@ class Region:
         try:
             self.mm.close()
         except BufferError:
-            # A model kept a view of its input; the mapping goes when that view is collected.
-            pass
+            # A view of the region is still referenced, typically from a reference cycle (an
+            # exception's traceback); collect cycles once and retry. If a model really kept a
+            # view, the mapping goes when that view is collected.
+            gc.collect()
+            try:
+                self.mm.close()
+            except BufferError:
+                pass
         os.close(self.fd)

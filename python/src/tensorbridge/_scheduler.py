@@ -299,13 +299,17 @@ class ModelQueue:
                 outputs = self.model.forward(stacked)
                 parts = self._split(outputs, [j.rows or 0 for j in live])
         except ModelError as exc:
+            # A fresh error without the traceback: the model's frames hold views into the
+            # clients' regions, which must not outlive the request (a cycle would keep them).
+            error = ModelError(str(exc))
+            del exc
             if len(live) > 1 and inst.healthy:
                 # One request may have caused it: run each alone so only its caller fails.
                 for job in live:
                     self._run(inst, [job])
                 return
             for job in live:
-                job.finish(exc, rows)
+                job.finish(error, rows)
             return
         self._record(rows)
         for job, part in zip(live, parts, strict=True):

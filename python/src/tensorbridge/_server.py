@@ -749,49 +749,57 @@ class _Connection:
     def _complete(self, job: Job, outcome: dict[str, Any] | TensorBridgeError,
                   batch_rows: int) -> None:
         """In the thread that ran the job: postprocess, write the outputs, reply."""
-        rid, seq = job.extra["rid"], job.extra["seq"]
-        model = job.model
-        status = "ok"
         try:
-            if isinstance(outcome, TensorBridgeError):
-                raise outcome
+            frame = self._reply(job, outcome, batch_rows)
+        finally:
+            job.inputs.clear()  # drop the views into the region before it can be replaced
+            del outcome
+        self._emit(job.extra["seq"], frame)
+        self.server.metrics.in_flight(-1)
+        self.finished()
+
+    def _reply(self, job: Job, outcome: dict[str, Any] | TensorBridgeError,
+               batch_rows: int) -> bytes:
+        """The INFER_OK (outputs written to the region) or ERROR frame for a finished job."""
+        rid, model = job.extra["rid"], job.model
+        if isinstance(outcome, TensorBridgeError):
+            # Not raised: a raised error's traceback would make a reference cycle through
+            # this frame and keep region views alive until the next gc run.
+            return self._error_frame(job, outcome)
+        try:
             t0 = time.monotonic()
             outputs = model.postprocess(outcome)
             t1 = time.monotonic()
             reply = self._place_outputs(outputs, *job.extra["out"])
-            done = time.monotonic()
-            pre_s = job.extra["preprocess_s"] + (t1 - t0)
-            queue_s = max(0.0, job.started - job.arrived - job.extra["preprocess_s"])
-            reply.queue_us = int(queue_s * 1e6)
-            reply.compute_us = int((done - job.started - (t1 - t0)) * 1e6)
-            reply.preprocess_us = int(pre_s * 1e6)
-            reply.batch_size = batch_rows
-            frame = self._frame(FrameType.INFER_OK, rid, encode_infer_ok(reply))
-            self._count(model.name, status, queue_s, pre_s,
-                        done - job.started - (t1 - t0), done - job.arrived)
-            slow = self.server.config.slow_ms
-            if slow and (done - job.arrived) * 1000 > slow:
-                log.warning("slow request: model %r took %.1f ms (queued %.1f ms)",
-                            model.name, (done - job.arrived) * 1000,
-                            (job.started - job.arrived) * 1000,
-                            extra={"model": model.name, "rid": rid,
-                                   "total_ms": round((done - job.arrived) * 1000, 3),
-                                   "queue_ms": round((job.started - job.arrived) * 1000, 3)})
         except TensorBridgeError as exc:
-            status = ErrorCode(exc.code).name.lower()
-            self.server.metrics.error(status, model.name)
-            frame = self._frame(FrameType.ERROR, rid, encode_error(exc.code, str(exc)))
-            self._count(model.name, status, 0, 0, 0, time.monotonic() - job.arrived)
+            return self._error_frame(job, exc)
         except Exception as exc:
             log.exception("internal error on request %d", rid)
-            self.server.metrics.error("internal", model.name)
-            frame = self._frame(FrameType.ERROR, rid, encode_error(
-                ErrorCode.INTERNAL, f"internal server error: {exc!r}"))
-        finally:
-            job.inputs.clear()  # drop the views into the region before it can be replaced
-        self._emit(seq, frame)
-        self.server.metrics.in_flight(-1)
-        self.finished()
+            return self._error_frame(job, InternalError(f"internal server error: {exc!r}"))
+        done = time.monotonic()
+        pre_s = job.extra["preprocess_s"] + (t1 - t0)
+        queue_s = max(0.0, job.started - job.arrived - job.extra["preprocess_s"])
+        compute_s = done - job.started - (t1 - t0)
+        reply.queue_us = int(queue_s * 1e6)
+        reply.compute_us = int(compute_s * 1e6)
+        reply.preprocess_us = int(pre_s * 1e6)
+        reply.batch_size = batch_rows
+        self._count(model.name, "ok", queue_s, pre_s, compute_s, done - job.arrived)
+        total_ms = (done - job.arrived) * 1000
+        slow = self.server.config.slow_ms
+        if slow and total_ms > slow:
+            log.warning("slow request: model %r took %.1f ms (queued %.1f ms)", model.name,
+                        total_ms, queue_s * 1000,
+                        extra={"model": model.name, "rid": rid, "total_ms": round(total_ms, 3),
+                               "queue_ms": round(queue_s * 1000, 3)})
+        return self._frame(FrameType.INFER_OK, rid, encode_infer_ok(reply))
+
+    def _error_frame(self, job: Job, error: TensorBridgeError) -> bytes:
+        status = ErrorCode(error.code).name.lower()
+        self.server.metrics.error(status, job.model.name)
+        self._count(job.model.name, status, 0, 0, 0, time.monotonic() - job.arrived)
+        return self._frame(FrameType.ERROR, job.extra["rid"], encode_error(error.code,
+                                                                           str(error)))
 
     def _count(self, model: str, status: str, queue_s: float, pre_s: float, compute_s: float,
                total_s: float) -> None:
