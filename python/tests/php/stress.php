@@ -3,7 +3,7 @@
 // Stress driver for the crash, soak and fuzz suites. argv[1] = JSON:
 // {"socket":..., "worker":1, "count":100 (0 = until stop_file exists), "stop_file":...,
 //  "timeout":2.0, "mix":{"echo":5,"bytes":2,"f64":2,"head":1,"sleep":1,"fail":1},
-//  "sizes":[64,65536,1048576], "sleep_ms":200, "events":false, "seed":1,
+//  "sizes":[64,65536,1048576], "sleep_ms":200, "events":false, "seed":1, "error_pause_ms":20,
 //  "client":{named Client constructor arguments, those this Client does not know are ignored}}
 // Every answer is checked against what was sent. With "events", one JSON line per call goes to
 // stdout before it ({"i","kind","phase":"start"}) and after it ({"i","kind","r","ms"}), where r
@@ -24,6 +24,7 @@ $stopFile = $cfg['stop_file'] ?? null;
 $events = (bool) ($cfg['events'] ?? false);
 $sizes = $cfg['sizes'] ?? [64, 4096, 65536, 1048576];
 $sleepMs = (float) ($cfg['sleep_ms'] ?? 100);
+$errorPauseUs = (int) (1000 * ($cfg['error_pause_ms'] ?? 20));
 mt_srand((int) ($cfg['seed'] ?? $worker));
 
 $known = array_map(
@@ -121,6 +122,7 @@ for ($i = 0; $count === 0 || $i < $count; $i++) {
         if (count($summary['error_examples']) < 5) {
             $summary['error_examples'][] = "$kind #$i: $r: " . $e->getMessage();
         }
+        usleep($errorPauseUs);  // as an app would: no busy loop while the server is down
     }
     $summary['calls']++;
     if ($events) {
