@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from ._config import default_socket_path
-from ._errors import ConnectionError, ProtocolError, TimeoutError, error_for_code
+from ._errors import (
+    ConnectionError,
+    ProtocolError,
+    TensorBridgeError,
+    TimeoutError,
+    error_for_code,
+)
 from ._spec import (
     ALIGN,
     BY_TORCH,
@@ -163,7 +169,13 @@ class Client:
         self._next_id += 1
         deadline = deadline or time.monotonic() + self.timeout
         try:
-            sock.sendall(encode_frame(ftype, rid, body, self.checksums))
+            try:
+                sock.sendall(encode_frame(ftype, rid, body, self.checksums))
+            except OSError:
+                # The server may have refused us and hung up (e.g. UNAUTHORIZED) before our
+                # frame went out: its ERROR is still readable, and says more than EPIPE.
+                self._raise_connection_error(deadline)
+                raise
             while True:
                 header = decode_header(self._recv(HEADER_SIZE, deadline))
                 reply = self._recv(header.body_len, deadline)
@@ -183,6 +195,17 @@ class Client:
         except OSError as exc:
             self.close()
             raise ConnectionError(f"connection to {self.socket_path} failed: {exc}") from exc
+
+    def _raise_connection_error(self, deadline: float) -> None:
+        """Raise the connection-level ERROR the server left in our receive buffer, if any."""
+        try:
+            header = decode_header(self._recv(HEADER_SIZE, min(deadline,
+                                                               time.monotonic() + 0.5)))
+            reply = self._recv(header.body_len, deadline)
+        except (TensorBridgeError, OSError):
+            return
+        if header.type == FrameType.ERROR and header.request_id == 0:
+            raise error_for_code(*decode_error(reply))
 
     def _recv(self, n: int, deadline: float) -> memoryview:
         assert self._sock is not None
