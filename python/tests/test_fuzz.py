@@ -512,7 +512,7 @@ def hypo_server(tmp_path_factory: pytest.TempPathFactory):
     srv.stop()
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=_infer_bodies())
 def test_hypothesis_infer_bodies_get_one_clean_answer(hypo_server, body: bytes) -> None:
