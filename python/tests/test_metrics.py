@@ -165,6 +165,35 @@ def test_configure_logging_rejects_unknown_format() -> None:
         configure_logging("info", "xml")
 
 
+def test_warnings_and_thread_crashes_become_json_lines() -> None:
+    import threading
+    import warnings
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, threading.excepthook)
+    try:
+        configure_logging("info", "json", stream)
+        warnings.warn("old API", DeprecationWarning, stacklevel=1)
+
+        def crash() -> None:
+            raise RuntimeError("worker died")
+
+        t = threading.Thread(target=crash, name="tb-test")
+        t.start()
+        t.join()
+    finally:
+        logging.captureWarnings(False)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        threading.excepthook = saved[2]
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert any("old API" in e["msg"] and e["logger"] == "py.warnings" for e in entries)
+    (crash_entry,) = [e for e in entries if e["level"] == "critical"]
+    assert crash_entry["msg"] == "thread tb-test crashed"
+    assert "RuntimeError: worker died" in crash_entry["exc"]
+
+
 # -- a real server ----------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -55,3 +56,15 @@ def configure_logging(level: str = "info", fmt: str = "text",
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python warnings (torch's deprecations) and crashes of threads go through the same
+    # handler, so that a JSON log stays one object per line.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_crash
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("tensorbridge").critical(
+        "thread %s crashed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
