@@ -6,6 +6,7 @@ namespace TensorBridge\Internal;
 
 use TensorBridge\Exception\ConnectionException;
 use TensorBridge\Exception\ProtocolException;
+use TensorBridge\Exception\TensorBridgeException;
 use TensorBridge\Exception\TimeoutException;
 
 /**
@@ -169,9 +170,31 @@ final class Connection
                     }
                     continue;
                 }
+                if ($err === SOCKET_EPIPE || $err === SOCKET_ECONNRESET) {
+                    $this->throwPendingError();
+                }
                 throw $this->ioError($err);
             }
             $sent += $n;
+        }
+    }
+
+    /**
+     * A server that refuses a connection (UNAUTHORIZED) answers and hangs up, possibly before
+     * our first frame goes out; its ERROR is still in our receive buffer and says more than
+     * EPIPE. Throws that error when it is there; returns otherwise.
+     */
+    private function throwPendingError(): void
+    {
+        try {
+            [$header, $body] = $this->readFrame(hrtime(true) + 200_000_000);
+            $error = Wire::decodeBody($header, $body);
+        } catch (TensorBridgeException) {
+            return;
+        }
+        if ($error instanceof ErrorReply && $header->requestId === 0) {
+            $this->drop();
+            throw ErrorMapper::toException($error, '', $this->timeout);
         }
     }
 
