@@ -117,14 +117,8 @@ def _serve(make_server, shared_dir: Path, extra: list[str]):
 
 
 def php_refused(result: dict) -> dict:
-    """Check a PHP call's UnauthorizedException (the last check of a test: it may xfail)."""
-    if result.get("error") == "ConnectionException" and "closed the connection" in \
-            result.get("message", ""):
-        # The server sent ERROR UNAUTHORIZED and hung up before PHP's first send: PHP got
-        # EPIPE and raised without reading the pending frame, which spec §4 says it MUST
-        # raise. A race in php/src/Internal/Connection.php (about 1 run in 15 here).
-        pytest.xfail("known PHP client race: EPIPE on the first send hides the pending "
-                     "ERROR UNAUTHORIZED")
+    """A PHP call's result must be UnauthorizedException (spec §4: the client MUST raise it,
+    even when the server hung up before the client's first send)."""
     assert result["error"] == "UnauthorizedException", result
     return result
 
