@@ -606,6 +606,7 @@ class _Connection:
             with self._send_lock:
                 self.sock.sendall(encode_frame(FrameType.ERROR, 0, encode_error(
                     ErrorCode.PROTOCOL_ERROR, str(exc))))
+                self.eof = True  # nothing follows the connection-level ERROR (spec §3)
             self._hang_up()
             self._close_when_idle()
             return False
