@@ -120,7 +120,8 @@ class ModelQueue:
         self.delay = config.max_queue_delay_us / 1e6 if self.batching else 0.0
         self.preferred = sorted(p for p in config.preferred_batch_sizes if 0 < p <= self.max_rows)
         self.watchdog_timeout = config.watchdog_timeout
-        #: Rows of each forward run so far, by size (the batch-size distribution).
+        #: Rows of each forward run so far, by size (the batch-size distribution; recorded
+        #: for batching models only).
         self.batch_sizes: dict[int, int] = {}
         self.replaced = 0
         self._on_batch = on_batch
@@ -330,6 +331,8 @@ class ModelQueue:
         return parts
 
     def _record(self, rows: int) -> None:
+        if not self.batching:
+            return  # every call is one request: nothing to learn, and this path is hot
         with self._cv:
             self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
         if self._on_batch is not None:
