@@ -262,6 +262,18 @@ def test_delay_policy_waits_then_prefers_the_configured_sizes() -> None:
     assert len(batch) == 1
 
 
+def test_idle_instances_share_the_waiting_requests() -> None:
+    queue = ModelQueue(_model("q", max_batch_size=16, instances=2))
+    queue.stop()
+    _jobs(queue, 5)
+    batch, _ = queue._take(time.monotonic())
+    assert len(batch) == 3  # two idle instances: 3 + 2 rather than 5 on one core
+    queue._instances[1].busy_since = time.monotonic()  # the other one is busy now
+    _jobs(queue, 2)
+    batch, _ = queue._take(time.monotonic())
+    assert len(batch) == 4  # all that waits
+
+
 def test_batching_is_off_for_models_without_a_batch_dim(serve) -> None:
     sleep = tb.load_model(tb.ModelConfig("sleep", "tensorbridge.models.testing:sleep",
                                          max_batch_size=8))

@@ -254,8 +254,11 @@ class ModelQueue:
             want = 1 if depth <= QUEUE_DEPTH_THRESHOLD else max(4, min(32, depth // 2))
             return self._pop(same, min(want, self.max_rows)), None
         rows = sum(j.rows or 0 for j in same)
-        target = self.max_rows
-        if rows < target:
+        # Idle instances (this one included) share what waits, so that on a CPU two
+        # instances run two half batches at once rather than one full batch on one core.
+        idle = sum(1 for i in self._instances if i.healthy and i.busy_since is None)
+        target = min(self.max_rows, max(1, -(-rows // max(1, idle))))
+        if rows < self.max_rows:
             fits = [p for p in self.preferred if p <= rows]
             waited = now - head.arrived
             if waited < self.delay and not (fits and fits[-1] == self.preferred[-1]):
