@@ -11,7 +11,8 @@ export PYTHONPATH := $(CURDIR)/python/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit nginx-light wrk \
   chromium chromium-driver
-# promtool (Debian package prometheus, without its recommends) checks deploy/prometheus/.
+# promtool (Debian package prometheus, without its recommends) checks deploy/prometheus/; the
+# Prometheus service the package enables on a systemd host is switched off again.
 APT_TOOLS = prometheus
 
 # Installs: PHP (CLI, FPM; curl and gd for the benchmark baselines), phpunit, nginx and wrk,
@@ -26,7 +27,8 @@ setup:
 	@if ! dpkg -s $(APT_TOOLS) >/dev/null 2>&1; then \
 	  echo "installing $(APT_TOOLS) ..."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends $(APT_TOOLS) >/dev/null; fi
+	    --no-install-recommends $(APT_TOOLS) >/dev/null && \
+	  { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; fi
 	@$(PYTHON) -c "import tensorbridge, torch, sklearn, pytest, fastapi, uvicorn, orjson, matplotlib, selenium, prometheus_client, hypothesis, supervisor" \
 	  2>/dev/null || { echo "installing torch==2.13.0 and python/[dev,bench] ..."; \
 	  $(PYTHON) -m pip install -q torch==2.13.0 && \

@@ -26,7 +26,12 @@ START_TIMEOUT=${TB_WEB_START_TIMEOUT:-300}   # seconds; ResNet-18 loads and warm
 export PYTHONPATH="$ROOT/python/src${PYTHONPATH:+:$PYTHONPATH}"
 
 say() { printf 'web: %s\n' "$*"; }
-die() { printf 'web: error: %s\n' "$*" >&2; exit 1; }
+die() {
+  printf 'web: error: %s\n' "$*" >&2
+  # A start that fails half way stops what it had started (the server holds the models).
+  [[ ${STARTING:-} == 1 ]] && { STARTING=0; stop >/dev/null 2>&1 || true; }
+  exit 1
+}
 
 # Prints the pid recorded in $RUN/NAME.pid when that process is alive and is the program we
 # started (a pid left by a crash may have been reused by an unrelated process).
@@ -39,9 +44,11 @@ live_pid() {
   echo "$pid"
 }
 
-server_pid() { live_pid server "tensorbridge serve"; }
-fpm_pid() { live_pid php-fpm "php-fpm"; }
-nginx_pid() { live_pid nginx "nginx"; }
+# Each pattern names this run's files, so a reused pid of the system's nginx or php-fpm
+# never matches.
+server_pid() { live_pid server "tensorbridge serve --socket $SOCKET"; }
+fpm_pid() { live_pid php-fpm "$RUN/php-fpm.conf"; }
+nginx_pid() { live_pid nginx "$RUN"; }
 
 # True while the process runs. A daemon that exited stays a zombie until its parent (init,
 # since the daemons outlive this script) reaps it, which can take seconds: that counts as gone.
@@ -138,6 +145,7 @@ start() {
   port_free || die "port $PORT on 127.0.0.1 is taken; pick another one: TB_WEB_PORT=8081 make demo"
 
   mkdir -p "$RUN/tmp"
+  STARTING=1
   render "$ROOT/examples/web/nginx.conf.in" "$RUN/nginx.conf"
   render "$ROOT/examples/web/php-fpm.conf.in" "$RUN/php-fpm.conf"
 
@@ -160,6 +168,7 @@ start() {
     sleep 0.2
   done
   pid=$(server_pid) || die "the TensorBridge server is gone; see $RUN/server.log"
+  STARTING=0
   say "up: $URL (server pid $pid)"
 }
 

@@ -117,7 +117,9 @@ final class Client
 
     /**
      * The socket path used when none is given: $TENSORBRIDGE_SOCKET, else /run/tensorbridge/tensorbridge.sock
-     * when /run/tensorbridge is writable, else $XDG_RUNTIME_DIR/tensorbridge.sock, else /tmp/tensorbridge.sock.
+     * when that socket exists or /run/tensorbridge is writable, else $XDG_RUNTIME_DIR/tensorbridge.sock, else
+     * /tmp/tensorbridge.sock. (A PHP-FPM user usually may connect to the socket without being able to write
+     * its directory, as with the systemd unit in deploy/.)
      */
     public static function defaultSocketPath(): string
     {
@@ -125,7 +127,8 @@ final class Client
         if (is_string($env) && $env !== '') {
             return $env;
         }
-        if (is_dir('/run/tensorbridge') && is_writable('/run/tensorbridge')) {
+        if (file_exists('/run/tensorbridge/tensorbridge.sock')
+            || (is_dir('/run/tensorbridge') && is_writable('/run/tensorbridge'))) {
             return '/run/tensorbridge/tensorbridge.sock';
         }
         $xdg = getenv('XDG_RUNTIME_DIR');
@@ -750,7 +753,16 @@ final class Client
                         }
                         continue;
                     }
-                    [$answers, $failure] = $this->pipeline($model, array_values($chunk), $deadline, false);
+                    try {
+                        [$answers, $failure] = $this->pipeline($model, array_values($chunk), $deadline, false);
+                    } catch (PayloadTooLargeException $e) {
+                        // Raised before anything of this chunk was sent (a chunk this large holds one
+                        // item): that item's own problem, so the later chunks still run.
+                        foreach ($keys as $key) {
+                            $outcomes[$key] = $e;
+                        }
+                        continue;
+                    }
                     foreach ($keys as $i => $key) {
                         $outcomes[$key] = $answers[$i] ?? self::unanswered($failure, $key, $model);
                     }

@@ -210,6 +210,31 @@ final class CircuitBreakerTest extends TestCase
         self::assertSame([], array_values(array_diff(scandir($this->dir) ?: [], ['.', '..'])));
     }
 
+    public function testStateIsNotWrittenThroughASymlinkedDirectory(): void
+    {
+        // Another user could plant /tmp/tensorbridge-<uid> as a link to a private directory of ours.
+        $target = $this->dir . '/target';
+        mkdir($target, 0700);
+        symlink($target, $this->dir . '/link');
+        $store = new FileBreakerStore($this->dir . '/link', 'k', posix_geteuid());
+        $store->save(['failures' => 1, 'open_until' => null, 'reason' => 'x']);
+        self::assertSame([], array_values(array_diff(scandir($target) ?: [], ['.', '..'])));
+        unlink($this->dir . '/link');
+        rmdir($target);
+    }
+
+    public function testStateFilesAreCreatedPrivate(): void
+    {
+        $mask = umask(0022);
+        $store = new FileBreakerStore($this->dir, 'k', posix_geteuid());
+        $store->save(['failures' => 1, 'open_until' => null, 'reason' => 'x']);
+        umask($mask);
+        $files = array_values(array_diff(scandir($this->dir) ?: [], ['.', '..']));
+        self::assertCount(1, $files);
+        self::assertSame(0600, fileperms($this->dir . '/' . $files[0]) & 0777);
+        $store->clear();
+    }
+
     public function testGivenStateDirectoryIsCreated(): void
     {
         $sub = $this->dir . '/state';

@@ -133,3 +133,17 @@ def test_a_failing_item_in_a_merged_model_call_fails_alone(make_server, tmp_path
         else:
             assert item["value"]["y"]["values"] == [[2 * v + 1 for v in row]
                                                     for row in _rows(1, i)], i
+
+
+def test_an_item_larger_than_the_region_cap_fails_alone(make_server) -> None:
+    srv = make_server(models=["echo=tensorbridge.models.testing:echo"],
+                      extra=["--region-cap-mb", "1"])
+    small = {"x": {"dtype": "FP32", "values": [1.0, 2.0, 3.0]}}
+    huge = {"x": {"dtype": "FP32", "values": [0.5] * 300_000}}  # 1.2 MB > the 1 MiB cap
+    (r,) = php({"socket": srv.socket, "calls": [{"op": "infer_batch", "model": "echo",
+                                                  "inputs": {"a": small, "b": huge, "c": small,
+                                                             "d": small}}]})
+    got = _by_key(r["batch"])
+    assert got["b"]["error"] == "PayloadTooLargeException"
+    for key in ("a", "c", "d"):  # before and after the oversized item
+        assert got[key]["value"]["x"]["values"] == [1.0, 2.0, 3.0], got[key]

@@ -91,14 +91,14 @@ try {
     $t0 = hrtime(true);
     $top = $client->classify($model, $image, topK: 3);
     $roundTrip = hrtime(true) - $t0;
+} catch (PayloadTooLargeException $e) { // before its parent, InvalidInputException
+    refuse(sprintf('That file is too large for the server (%s). Upload a smaller image.', $e->getMessage()));
 } catch (InvalidInputException $e) {
     // The server decoded nothing it could use. Say first what a person most likely did.
     $headline = @getimagesizefromstring($image) === false
         ? 'That file is not an image'
         : 'The model cannot use that image';
     refuse(sprintf('%s (%s). Upload a PNG, JPEG, GIF or WebP image.', $headline, $e->getMessage()));
-} catch (PayloadTooLargeException $e) {
-    refuse(sprintf('That file is too large for the server (%s). Upload a smaller image.', $e->getMessage()));
 } catch (ModelNotFoundException $e) {
     answer(503, ['ok' => false, 'error' => sprintf(
         'The TensorBridge server has no model "%s" loaded (%s). Restart the demo: make demo-stop && make demo.',

@@ -104,11 +104,17 @@ final class FileBreakerStore implements BreakerStore
         }
         $tmp = sprintf('%s.%d.tmp', $this->statePath, getmypid());
         $json = json_encode($state, JSON_PRESERVE_ZERO_FRACTION | JSON_INVALID_UTF8_SUBSTITUTE);
-        if (@file_put_contents($tmp, (string) $json) === false) {
+        @unlink($tmp); // a leftover of a killed worker with our pid
+        // 'x' = O_CREAT|O_EXCL: never follows a planted symlink; umask keeps it private from the start.
+        $mask = umask(0077);
+        $h = @fopen($tmp, 'xb');
+        umask($mask);
+        if ($h === false) {
             return; // best effort: a breaker that cannot remember stays closed
         }
-        @chmod($tmp, 0600);
-        if (!@rename($tmp, $this->statePath)) {
+        $ok = fwrite($h, (string) $json) !== false;
+        fclose($h);
+        if (!$ok || !@rename($tmp, $this->statePath)) {
             @unlink($tmp);
         }
     }
@@ -122,11 +128,12 @@ final class FileBreakerStore implements BreakerStore
     public function claimProbe(float $now, float $until): bool
     {
         for ($try = 0; $try < 2; $try++) {
+            $mask = umask(0077);
             $h = @fopen($this->probePath, 'xb');
+            umask($mask);
             if ($h !== false) {
                 fwrite($h, sprintf('%.6F', $until));
                 fclose($h);
-                @chmod($this->probePath, 0600);
                 return true;
             }
             $held = @file_get_contents($this->probePath);
@@ -145,10 +152,17 @@ final class FileBreakerStore implements BreakerStore
 
     private static function privateDirectory(string $dir, int $uid): bool
     {
+        clearstatcache(true, $dir);
+        if (is_link($dir)) {
+            return false; // is_dir/fileowner follow links: another user could point it anywhere
+        }
         if (!is_dir($dir) && !@mkdir($dir, 0700, true) && !is_dir($dir)) {
             return false;
         }
         clearstatcache(true, $dir);
+        if (is_link($dir)) {
+            return false;
+        }
         $owner = @fileowner($dir);
         $perms = @fileperms($dir);
         return $owner === $uid && $perms !== false && ($perms & 0077) === 0;
