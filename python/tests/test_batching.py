@@ -186,7 +186,49 @@ def test_a_failing_row_fails_only_its_own_request(make_server, tmp_path) -> None
     assert [r for i, r in enumerate(results) if i != 3] == ["ok"] * 7
 
 
+class _WithScalar(nn.Module):
+    """Batchable input, but one output has no batch dim: a merged call cannot be split."""
+
+    tensorbridge_signature = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 2]},
+                    {"name": "total", "datatype": "FP32", "shape": []}]}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(0.02)
+        return x + 1, x.sum()
+
+
+def test_a_merged_call_that_cannot_be_split_is_rerun_request_by_request(serve) -> None:
+    server = serve(tb.load_model(tb.ModelConfig(
+        "scalar", f"{__name__}:_WithScalar", warmup=0, max_batch_size=8,
+        max_queue_delay_us=30_000)))
+
+    def call(i: int) -> bool:
+        x = torch.full((1, 2), float(i))
+        with tb.Client(server.config.socket, timeout=20) as c:
+            out = c.infer("scalar", {"x": x})
+        return torch.equal(out["y"], x + 1) and float(out["total"]) == 2.0 * i
+
+    assert _concurrently(4, call) == [True] * 4  # every caller answered, with its own total
+
+
 # -- queue: deadlines, overload, policies -----------------------------------------------------
+
+
+def test_a_deadline_shorter_than_the_batching_delay_still_runs_on_an_idle_model(serve) -> None:
+    server = serve(_model("rec", max_batch_size=8, max_queue_delay_us=2_000_000))
+    s = _raw(server)
+    s.sendall(_frame(1, "rec", torch.full((1, 2), 3.0), timeout_us=300_000))
+    h, body = _read(s)
+    assert h.type == FrameType.INFER_OK  # it did not wait 2 s for company and expire
+    assert [shape for shape, *_ in _Recorder.calls] == [(1, 2)]
+
+
+def test_drain_with_no_timeout_still_stops(serve) -> None:
+    server = serve(_model("rec"))
+    assert server.drain(0) is True
+    assert not os.path.exists(server.config.socket)
 
 
 def test_a_request_that_expires_in_the_batch_queue_is_not_computed(serve) -> None:
@@ -225,6 +267,11 @@ def test_a_full_queue_answers_overloaded_at_once(serve) -> None:
         assert _read(s)[0].type == FrameType.INFER_OK
 
 
+def _take(queue: ModelQueue, now: float) -> tuple[list, float | None]:
+    with queue._cv:  # as the instance threads call it
+        return queue._take(now)
+
+
 def _jobs(queue: ModelQueue, n: int, rows: int = 1) -> None:
     for _ in range(n):
         queue._jobs.append(Job(queue.model, {}, None, time.monotonic(), lambda *a: None,
@@ -237,7 +284,7 @@ def test_queue_depth_policy_takes_half_the_queue_above_50() -> None:
     for depth, want in [(10, 1), (50, 1), (51, 25), (60, 30), (200, 32), (9, 1)]:
         queue._jobs.clear()
         _jobs(queue, depth)
-        batch, _ = queue._take(time.monotonic())
+        batch, _ = _take(queue, time.monotonic())
         assert len(batch) == want, depth
         assert len(queue._jobs) == depth - want
 
@@ -247,18 +294,18 @@ def test_delay_policy_waits_then_prefers_the_configured_sizes() -> None:
                               preferred_batch_sizes=[4, 8]))
     queue.stop()
     _jobs(queue, 5)
-    batch, wait = queue._take(time.monotonic())
+    batch, wait = _take(queue, time.monotonic())
     assert batch == [] and 0 < wait <= 1.0  # too few for 8, the delay has not passed
     _jobs(queue, 4)  # 9 waiting: the largest preferred size is reached
-    batch, _ = queue._take(time.monotonic())
+    batch, _ = _take(queue, time.monotonic())
     assert len(batch) == 8
     _jobs(queue, 5)  # 6 waiting, delay over: the largest preferred size that fits
-    batch, _ = queue._take(time.monotonic() + 2)
+    batch, _ = _take(queue, time.monotonic() + 2)
     assert len(batch) == 4
-    batch, _ = queue._take(time.monotonic() + 2)  # 2 left, delay over: what there is
+    batch, _ = _take(queue, time.monotonic() + 2)  # 2 left, delay over: what there is
     assert len(batch) == 2
     _jobs(queue, 1, rows=40)  # a request larger than max_batch_size still runs, alone
-    batch, _ = queue._take(time.monotonic() + 2)
+    batch, _ = _take(queue, time.monotonic() + 2)
     assert len(batch) == 1
 
 
@@ -266,11 +313,11 @@ def test_idle_instances_share_the_waiting_requests() -> None:
     queue = ModelQueue(_model("q", max_batch_size=16, instances=2))
     queue.stop()
     _jobs(queue, 5)
-    batch, _ = queue._take(time.monotonic())
+    batch, _ = _take(queue, time.monotonic())
     assert len(batch) == 3  # two idle instances: 3 + 2 rather than 5 on one core
     queue._instances[1].busy_since = time.monotonic()  # the other one is busy now
     _jobs(queue, 2)
-    batch, _ = queue._take(time.monotonic())
+    batch, _ = _take(queue, time.monotonic())
     assert len(batch) == 4  # all that waits
 
 

@@ -263,3 +263,12 @@ def test_cli_reports_a_bad_setting_and_exits_1(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "socket_mode" in proc.stderr and "TENSORBRIDGE_" in proc.stderr
+
+
+@pytest.mark.parametrize("written", ["440", "0o440", '"440"', '"0440"'])
+def test_socket_mode_is_read_the_chmod_way_however_it_is_written(tmp_path: Path,
+                                                                  written: str) -> None:
+    # A bare 440 is decimal to TOML (0o670, which would let the group write); it means 0o440.
+    path = tmp_path / "mode.toml"
+    path.write_text(f"[server]\nsocket_mode = {written}  # r--r-----\n")
+    assert tb.ServerConfig.from_toml(path).socket_mode == 0o440

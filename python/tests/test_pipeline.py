@@ -206,6 +206,16 @@ def test_resnet18_preprocessing_follows_torchvision() -> None:
     assert pre([photo(), photo(480, 640)]).shape == (2, 3, 224, 224)
 
 
+def test_a_thin_strip_that_would_explode_when_resized_is_refused() -> None:
+    # 1 x 200,000 pixels passes max_pixels, but "shorter side to 256" would make it
+    # 256 x 51,200,000 before the crop: a few kB of PNG asking for ~39 GB.
+    pre = ImagePreprocess.parse(resnet.PIPELINE["preprocess"])
+    strip = encode(Image.new("RGB", (1, 200_000), (10, 20, 30)), "PNG")
+    assert len(strip) < 100_000
+    with pytest.raises(tb.InvalidInputError, match="aspect ratio"):
+        pre([strip])
+
+
 def torchvision_source(width: int, height: int) -> Image.Image:
     """The seeded image behind tests/data/torchvision_resnet_preprocess.json (lossless: PNG)."""
     rng = np.random.default_rng(5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,14 @@ class ServerConfig:
     def from_toml(cls, path: str | Path) -> ServerConfig:
         """Read a ``tensorbridge.toml`` (its keys are shown in the README and
         ``deploy/tensorbridge.toml``); a wrong key or value raises ``ValueError`` naming it."""
-        raw = tomllib.loads(Path(path).read_text())
+        text = Path(path).read_text()
+        raw = tomllib.loads(text)
         server: dict[str, Any] = dict(raw.get("server", {}))
+        # TOML reads `socket_mode = 440` as decimal 440 (= 0o670, wider than meant); a mode
+        # written as bare digits means chmod's octal, so pass those digits on as a string.
+        bare = re.search(r"^\s*socket_mode\s*=\s*([0-7]{3,4})\s*(?:#.*)?$", text, re.M)
+        if bare and isinstance(server.get("socket_mode"), int):
+            server["socket_mode"] = bare.group(1)
         unknown = set(server) - _SERVER_KEYS
         if unknown:
             raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}; known keys: "
@@ -154,6 +161,8 @@ def parse_mode(value: Any) -> int:
     """A file mode written the ``chmod`` way: ``"660"``, ``"0660"`` or ``0o660``."""
     if isinstance(value, int) and not isinstance(value, bool):
         # TOML 0o660 arrives as 432, a bare 660 as 660: read the latter's digits as octal.
+        # (from_toml hands a bare decimal like 440 over as the string "440", so it is read
+        # the chmod way too, not as decimal 440 = 0o670.)
         mode = int(str(value), 8) if value > 0o777 and set(str(value)) <= set("01234567") \
             else value
     else:

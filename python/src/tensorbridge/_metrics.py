@@ -90,7 +90,8 @@ class Metrics:
         }
         self._hist = {key: Histogram(name, text, ["model"], buckets=LATENCY_BUCKETS,
                                      registry=r) for key, (name, text) in hist.items()}
-        self._batch = Histogram("tensorbridge_batch_size", "Requests computed in one model call",
+        self._batch = Histogram("tensorbridge_batch_size", "Rows computed in one model call "
+                                "(models with batching on)",
                                 ["model"], buckets=BATCH_BUCKETS, registry=r)
         self._in_flight = Gauge("tensorbridge_in_flight_requests",
                                 "Requests received and not yet answered", registry=r)

@@ -9,6 +9,7 @@ so they serve any batch size.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -203,13 +204,29 @@ class ImagePreprocess:
                                     f"limit of {self.max_bytes:,} (preprocess.max_bytes); send "
                                     "a smaller file")
         image = self._open(where, data)
+        if self.resize_shorter:
+            # Resizing the shorter side scales the longer one too: a 1 x 2,000,000 strip would
+            # become 224 x 448,000,000 before the crop. Check the size it would reach.
+            tw, th = _shorter_to(image.size, self.resize_shorter)
+            if tw * th > self.max_pixels:
+                raise InvalidInputError(
+                    f"{where} is {image.size[0]:,} x {image.size[1]:,} pixels: scaled to a "
+                    f"shorter side of {self.resize_shorter} it would be {tw:,} x {th:,}, more "
+                    f"than this model's limit of {self.max_pixels:,} pixels "
+                    "(preprocess.max_pixels); send an image of a usual aspect ratio")
         try:
             image = self._decode(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as exc:
+                Image.DecompressionBombWarning, EOFError, struct.error, KeyError, TypeError,
+                IndexError) as exc:
+            # Pillow's decoders and EXIF parser raise all of these on corrupt files.
             raise InvalidInputError(
                 f"{where}: the {image.format} file could not be decoded ({exc}); it is probably "
                 "truncated or corrupt; send the complete file") from None
+        except MemoryError:
+            raise InvalidInputError(
+                f"{where}: decoding the {image.format} file needs more memory than the server "
+                "has; send a smaller image") from None
         return self._to_array(image)
 
     def _open(self, where: str, data: bytes) -> Image.Image:

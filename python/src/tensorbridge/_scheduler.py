@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._errors import DeadlineExceededError, ModelError, TensorBridgeError
+from ._errors import DeadlineExceededError, InternalError, ModelError, TensorBridgeError
 from ._models import LoadedModel
 from ._signature import ANY
 
@@ -148,14 +148,18 @@ class ModelQueue:
             if len(self._jobs) >= self.model.config.max_queue:
                 return False
             self._jobs.append(job)
-            self._cv.notify()
+            # All: the watchdog and instances busy inline wait here too, and notify() might
+            # wake one of them instead of the idle instance.
+            self._cv.notify_all()
             return True
 
     def try_claim(self) -> _Instance | None:
         """Take an idle instance for running a job inline, or None when the job must queue
         (the model is busy, others wait, or batching wants to wait for company)."""
         with self._cv:
-            if self._jobs or self.delay > 0:
+            # With a watchdog, calls run on instance threads only: a stuck inline call would
+            # hold a pool thread and its connection, which the watchdog cannot give back.
+            if self._jobs or self.delay > 0 or self.watchdog_timeout > 0:
                 return None
             for inst in self._instances:
                 if inst.healthy and inst.busy_since is None:
@@ -167,6 +171,9 @@ class ModelQueue:
         """Run a job in this thread on the instance taken by ``try_claim``, then free it."""
         try:
             self._run(inst, [job])
+        except Exception as exc:  # a server bug: answer, so the connection is not left pending
+            log.exception("model %r: internal error running a request", self.model.name)
+            job.finish(InternalError(f"internal server error: {exc!r}"), 0)
         finally:
             self._release(inst)
 
@@ -223,7 +230,7 @@ class ModelQueue:
         with self._cv:
             inst.busy_since = None
             inst.jobs = []
-            self._cv.notify()
+            self._cv.notify_all()
 
     def _work(self, inst: _Instance) -> None:
         while True:
@@ -240,6 +247,11 @@ class ModelQueue:
                     self._cv.wait(wait)
             try:
                 self._run(inst, batch)
+            except Exception as exc:  # a server bug: answer, and keep the instance alive
+                log.exception("model %r: internal error running a batch", self.model.name)
+                error = InternalError(f"internal server error: {exc!r}")
+                for job in batch:
+                    job.finish(error, 0)
             finally:
                 self._release(inst)
 
@@ -260,11 +272,18 @@ class ModelQueue:
         target = min(self.max_rows, max(1, -(-rows // max(1, idle))))
         if rows < self.max_rows:
             fits = [p for p in self.preferred if p <= rows]
-            waited = now - head.arrived
-            if waited < self.delay and not (fits and fits[-1] == self.preferred[-1]):
-                return [], head.arrived + self.delay - now
+            # Wait for company until the delay has passed, but never more than half of any
+            # waiting request's time budget: one that could run now must not expire waiting.
+            until = min([head.arrived + self.delay]
+                        + [j.arrived + (j.deadline - j.arrived) / 2 for j in same
+                           if j.deadline is not None])
+            if now < until and not (fits and fits[-1] == self.preferred[-1]):
+                return [], until - now
             target = fits[-1] if fits and self.preferred else target
-        return self._pop(same, target), None
+        batch = self._pop(same, target)
+        if self._jobs:
+            self._cv.notify_all()  # what is left may go to another idle instance now
+        return batch, None
 
     def _pop(self, same: list[Job], max_rows: int) -> list[Job]:
         taken: list[Job] = []
@@ -302,10 +321,13 @@ class ModelQueue:
                            for name in live[0].inputs}
                 outputs = self.model.forward(stacked)
                 parts = self._split(outputs, [j.rows or 0 for j in live])
-        except ModelError as exc:
+        except Exception as exc:
             # A fresh error without the traceback: the model's frames hold views into the
             # clients' regions, which must not outlive the request (a cycle would keep them).
-            error = ModelError(str(exc))
+            # Not only ModelError: moving outputs off a device, stacking or splitting can
+            # raise too, and every job must still be answered.
+            error = ModelError(str(exc) if isinstance(exc, ModelError) else
+                               f"model {self.model.name!r}: {type(exc).__name__}: {exc}")
             del exc
             if len(live) > 1 and inst.healthy:
                 # One request may have caused it: run each alone so only its caller fails.
@@ -323,9 +345,11 @@ class ModelQueue:
         total = sum(rows)
         parts: list[dict[str, Any]] = [{} for _ in rows]
         for name, value in outputs.items():
-            if len(value) != total:
+            rows_out = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() else (
+                len(value) if isinstance(value, (list, tuple)) else None)
+            if rows_out != total:
                 raise ModelError(
-                    f"model {self.model.name!r} output {name!r} has {len(value)} rows for a "
+                    f"model {self.model.name!r} output {name!r} has {rows_out} rows for a "
                     f"batch of {total}; this model cannot be batched: set max_batch_size = 1")
             start = 0
             for part, n in zip(parts, rows, strict=True):

@@ -120,6 +120,7 @@ class Server:
         #: Set by ``drain()``: new INFERs are refused while in-flight ones finish.
         self.draining = False
         self.metrics = Metrics(config.shm_cap)
+        self._loaded_here: set[str] = set()
 
     def load_models(self) -> None:
         """Load every model of the config, in order, logging progress."""
@@ -139,6 +140,7 @@ class Server:
             t0 = time.monotonic()
             model = load_model(model_config)
             self.models[model.name] = model
+            self._loaded_here.add(model.name)
             self.metrics.model_loaded(model.name, time.monotonic() - t0,
                                       max(1, model_config.instances,
                                           model_config.max_concurrency))
@@ -156,7 +158,7 @@ class Server:
         listener.setblocking(False)
         self._listener = listener
         for name, m in self.models.items():
-            if name not in self._queues:
+            if name not in self._loaded_here:  # given ready-made, not by load_models()
                 self.metrics.model_loaded(name, 0.0, max(1, m.config.instances,
                                                          m.config.max_concurrency))
         self._queues = {name: ModelQueue(m, self.metrics.batch, self.metrics.instances_alive)
@@ -187,14 +189,15 @@ class Server:
         self._close_listener()
         log.info("draining: waiting up to %.1f s for in-flight requests", timeout)
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while True:
             with self._lock:
                 busy = sum(c.pending for c in self.connections)
             if not busy:
                 break
+            if time.monotonic() >= end:
+                log.warning("drain timeout: %d request(s) still in flight are cut off", busy)
+                break
             time.sleep(0.01)
-        else:
-            log.warning("drain timeout: %d request(s) still in flight are cut off", busy)
         self.stop()
         return not busy
 
@@ -265,11 +268,14 @@ class Server:
                 events = self._epoll.poll(-1 if timeout is None else timeout, 1)
             except OSError:
                 return  # closed by stop()
-            for fd, _ in events:
-                handler = self._handlers.get(fd)
-                if handler is not None:
-                    handler()
-            self._expire_queued()
+            try:
+                for fd, _ in events:
+                    handler = self._handlers.get(fd)
+                    if handler is not None:
+                        handler()
+                self._expire_queued()
+            except Exception:  # a server bug must not cost a pool thread
+                log.exception("internal error in a pool thread")
 
     def queue(self, name: str) -> ModelQueue:
         """The work queue of a loaded model."""
@@ -323,10 +329,12 @@ class Server:
                 job.finish(deadline_error(job), 0)
 
     def _accept(self) -> None:
-        assert self._listener is not None and self._epoll is not None
+        listener = self._listener  # drain() may close it meanwhile
+        if listener is None or self._epoll is None:
+            return
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -752,6 +760,10 @@ class _Connection:
         """In the thread that ran the job: postprocess, write the outputs, reply."""
         try:
             frame = self._reply(job, outcome, batch_rows)
+        except Exception as exc:  # never leave the request unanswered (pending forever)
+            log.exception("internal error answering request %d", job.extra["rid"])
+            frame = self._frame(FrameType.ERROR, job.extra["rid"], encode_error(
+                ErrorCode.INTERNAL, f"internal server error: {exc!r}"))
         finally:
             job.inputs.clear()  # drop the views into the region before it can be replaced
             del outcome
