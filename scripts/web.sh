@@ -117,12 +117,16 @@ EOF
 wait_for_server() {
   local pid=$1 shown=0 lines deadline=$((SECONDS + START_TIMEOUT))
   while true; do
+    local ready=0
+    # Look for readiness first, then show every line up to now: the other way round, a
+    # "ready on" written in between would end the wait without being shown.
+    grep -q "ready on" "$RUN/server.log" && ready=1
     lines=$(wc -l <"$RUN/server.log")
     if ((lines > shown)); then
       sed -n "$((shown + 1)),${lines}p" "$RUN/server.log" | sed 's/^/  server: /'
       shown=$lines
     fi
-    grep -q "ready on" "$RUN/server.log" && return 0
+    ((ready)) && return 0
     alive "$pid" || die "the TensorBridge server exited; see $RUN/server.log"
     ((SECONDS < deadline)) || die "the TensorBridge server was not ready after ${START_TIMEOUT}s; see $RUN/server.log"
     sleep 0.2
