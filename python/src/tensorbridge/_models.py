@@ -66,6 +66,11 @@ class ModelConfig:
     #: Server-side postprocessing (``[models.NAME.postprocess]``): softmax, top_k, labels.
     postprocess: dict[str, Any] | None = None
 
+    @property
+    def instance_count(self) -> int:
+        """Instances to run: ``instances``, or the older ``max_concurrency`` if larger."""
+        return max(1, self.instances, self.max_concurrency)
+
     @classmethod
     def from_cli(cls, text: str) -> ModelConfig:
         """Parse ``NAME=SOURCE`` or ``NAME=SOURCE@WEIGHTS`` from ``--model``."""

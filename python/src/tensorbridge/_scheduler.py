@@ -131,7 +131,7 @@ class ModelQueue:
         self._stopping = False
         self._instances: list[_Instance] = []
         self._next_index = 0
-        for _ in range(max(1, config.instances, config.max_concurrency)):
+        for _ in range(config.instance_count):
             self._add_instance()
         self._watchdog: threading.Thread | None = None
         if self.watchdog_timeout > 0:

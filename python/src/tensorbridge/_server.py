@@ -129,8 +129,7 @@ class Server:
         else:
             # N instances each running a forward at once share the cores: give each its part
             # rather than letting N pools of cpu_count threads fight (measured in S7).
-            most = max((max(m.instances, m.max_concurrency) for m in self.config.models),
-                       default=1)
+            most = max((m.instance_count for m in self.config.models), default=1)
             if most > 1:
                 threads = max(1, (os.cpu_count() or 1) // most)
                 torch.set_num_threads(threads)
@@ -142,8 +141,7 @@ class Server:
             self.models[model.name] = model
             self._loaded_here.add(model.name)
             self.metrics.model_loaded(model.name, time.monotonic() - t0,
-                                      max(1, model_config.instances,
-                                          model_config.max_concurrency))
+                                      model_config.instance_count)
 
     def start(self) -> None:
         """Bind the socket and start serving in background threads."""
@@ -159,8 +157,7 @@ class Server:
         self._listener = listener
         for name, m in self.models.items():
             if name not in self._loaded_here:  # given ready-made, not by load_models()
-                self.metrics.model_loaded(name, 0.0, max(1, m.config.instances,
-                                                         m.config.max_concurrency))
+                self.metrics.model_loaded(name, 0.0, m.config.instance_count)
         self._queues = {name: ModelQueue(m, self.metrics.batch, self.metrics.instances_alive)
                         for name, m in self.models.items()}
         self._epoll = select.epoll()
