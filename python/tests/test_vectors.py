@@ -146,3 +146,22 @@ def test_tensor_payload_vectors(vec: dict) -> None:
     assert tensor.reshape(-1).view(torch.uint8).numpy().tobytes().hex() == vec["hex"]
     decoded = torch.frombuffer(bytearray(raw), dtype=dtype.torch).view(vec["shape"])
     assert decoded.tolist() == vec["values"]
+
+
+def test_protocol_constants_match_the_spec() -> None:
+    """Every constant of _spec equals the spec's table, and no table has an extra entry."""
+    from tensorbridge import _errors, _spec
+
+    assert _spec.MAGIC == VECTORS["magic"]
+    assert _spec.VERSION == VECTORS["version"]
+    assert {t.name: t.value for t in _spec.FrameType} == VECTORS["types"]
+    assert {e.name: e.value for e in _spec.ErrorCode} == VECTORS["errors"]
+    assert {d.name: d.code for d in _spec.DTYPES} == VECTORS["dtypes"]
+    assert {d.name: d.itemsize for d in _spec.DTYPES} == VECTORS["itemsizes"]
+    for name, value in VECTORS["constants"].items():
+        ours = getattr(_spec, name)
+        assert (ours[0] if isinstance(ours, bytes) else ours) == value, name
+    # Each code of the spec's error table comes back as the exception class that owns it.
+    for name, code in VECTORS["errors"].items():
+        exc = _errors.error_for_code(code, "message")
+        assert exc.code == code and type(exc).code == code, name
