@@ -182,7 +182,7 @@ final class VectorsTest extends TestCase
             'ATTACH' => new AttachRequest($b['options'], $b['min_region']),
             'ATTACH_OK' => new AttachOk($b['region_size'], $b['region_cap'], $b['max_body']),
             'PING', 'MODELS' => null,
-            'PONG', 'MODELS_OK' => $b['json'],
+            'PONG', 'MODELS_OK', 'ADMIN', 'ADMIN_OK' => $b['json'],
             'ERROR' => new ErrorReply($errors[$b['code']], $b['message']),
             'INFER' => new InferRequest(
                 $b['timeout_us'],
@@ -191,6 +191,8 @@ final class VectorsTest extends TestCase
                 $b['out_capacity'],
                 array_map(self::descriptor(...), $b['inputs']),
                 (string) hex2bin($b['inline_hex']),
+                $b['version'],
+                $b['routing_key'],
             ),
             'INFER_OK' => new InferResponse(
                 $b['queue_us'],
@@ -199,6 +201,7 @@ final class VectorsTest extends TestCase
                 (string) hex2bin($b['inline_hex']),
                 $b['preprocess_us'],
                 $b['batch_size'],
+                $b['version'],
             ),
             default => throw new \LogicException("unknown vector type $type"),
         };

@@ -47,7 +47,7 @@ def _encode_body(typ: str, b: dict) -> bytes:
         return encode_attach_ok(AttachOk(b["region_size"], b["region_cap"], b["max_body"]))
     if typ in ("PING", "MODELS"):
         return b""
-    if typ in ("PONG", "MODELS_OK"):
+    if typ in ("PONG", "MODELS_OK", "ADMIN", "ADMIN_OK"):
         return b["json"].encode()
     if typ == "ERROR":
         return encode_error(VECTORS["errors"][b["code"]], b["message"])
@@ -55,10 +55,12 @@ def _encode_body(typ: str, b: dict) -> bytes:
     if typ == "INFER":
         return encode_infer(InferRequest(b["timeout_us"], b["model"], b["out_offset"],
                                          b["out_capacity"], [_desc(t) for t in b["inputs"]],
-                                         inline))
+                                         inline, b["version"],
+                                         None if b["routing_key"] is None
+                                         else b["routing_key"].encode()))
     return encode_infer_ok(InferReply(b["queue_us"], b["compute_us"],
                                       [_desc(t) for t in b["outputs"]], inline,
-                                      b["preprocess_us"], b["batch_size"]))
+                                      b["preprocess_us"], b["batch_size"], b["version"]))
 
 
 def _decode_body(typ: str, body: bytes) -> dict:
@@ -73,7 +75,7 @@ def _decode_body(typ: str, body: bytes) -> dict:
     if typ in ("PING", "MODELS"):
         assert body == b""
         return {}
-    if typ in ("PONG", "MODELS_OK"):
+    if typ in ("PONG", "MODELS_OK", "ADMIN", "ADMIN_OK"):
         return {"json": body.decode()}
     if typ == "ERROR":
         code, message = decode_error(body)
@@ -88,10 +90,12 @@ def _decode_body(typ: str, body: bytes) -> dict:
         r = decode_infer(body)
         return {"timeout_us": r.timeout_us, "model": r.model, "out_offset": r.out_offset,
                 "out_capacity": r.out_capacity, "inputs": [t(d) for d in r.inputs],
-                "inline_hex": bytes(r.inline).hex()}
+                "inline_hex": bytes(r.inline).hex(), "version": r.version,
+                "routing_key": None if r.routing_key is None else r.routing_key.decode()}
     r2 = decode_infer_ok(body)
     return {"queue_us": r2.queue_us, "compute_us": r2.compute_us,
             "preprocess_us": r2.preprocess_us, "batch_size": r2.batch_size,
+            "version": r2.version,
             "outputs": [t(d) for d in r2.outputs], "inline_hex": bytes(r2.inline).hex()}
 
 

@@ -17,7 +17,10 @@ import crc32c as _crc
 
 MAGIC = 0x31524254
 TYPES = {"ATTACH": 0x01, "ATTACH_OK": 0x81, "PING": 0x02, "PONG": 0x82, "MODELS": 0x03,
-         "MODELS_OK": 0x83, "INFER": 0x04, "INFER_OK": 0x84, "ERROR": 0xFF}
+         "MODELS_OK": 0x83, "INFER": 0x04, "INFER_OK": 0x84, "ADMIN": 0x05, "ADMIN_OK": 0x85,
+         "ERROR": 0xFF}
+INFER_OPT_VERSION = 0x01  # §6.1
+INFER_OPT_ROUTING_KEY = 0x02  # §6.1
 DTYPES = {"BOOL": 1, "UINT8": 2, "INT8": 3, "INT16": 4, "INT32": 5, "INT64": 6, "FP16": 7,
           "FP32": 8, "FP64": 9, "BF16": 10, "BYTES": 11}
 ERRORS = {"MODEL_NOT_FOUND": 1, "INVALID_INPUT": 2, "PAYLOAD_TOO_LARGE": 3,
@@ -69,7 +72,7 @@ def body(typ: str, b: dict) -> bytes:
         return struct.pack("<QQII", b["region_size"], b["region_cap"], b["max_body"], 0)
     if typ in ("PING", "MODELS"):
         return b""
-    if typ in ("PONG", "MODELS_OK"):
+    if typ in ("PONG", "MODELS_OK", "ADMIN", "ADMIN_OK"):
         return b["json"].encode()
     if typ == "ERROR":
         msg = b["message"].encode()
@@ -77,12 +80,20 @@ def body(typ: str, b: dict) -> bytes:
     inline = bytes.fromhex(b["inline_hex"])
     if typ == "INFER":
         model = b["model"].encode()
-        return (struct.pack("<IHBBQQ", b["timeout_us"], len(model), len(b["inputs"]), 0,
+        options, optional = 0, b""
+        if b.get("version") is not None:
+            options |= INFER_OPT_VERSION
+            optional += struct.pack("<I", b["version"])
+        if b.get("routing_key") is not None:
+            key = b["routing_key"].encode()
+            options |= INFER_OPT_ROUTING_KEY
+            optional += struct.pack("<B", len(key)) + key
+        return (struct.pack("<IHBBQQ", b["timeout_us"], len(model), len(b["inputs"]), options,
                             b["out_offset"], b["out_capacity"])
-                + model + b"".join(tensor(t) for t in b["inputs"]) + inline)
+                + model + optional + b"".join(tensor(t) for t in b["inputs"]) + inline)
     if typ == "INFER_OK":
-        return (struct.pack("<HHIII", len(b["outputs"]), b["batch_size"], b["queue_us"],
-                            b["compute_us"], b["preprocess_us"])
+        return (struct.pack("<HHIIII", len(b["outputs"]), b["batch_size"], b["queue_us"],
+                            b["compute_us"], b["preprocess_us"], b["version"])
                 + b"".join(tensor(t) for t in b["outputs"]) + inline)
     raise ValueError(typ)
 
@@ -104,28 +115,56 @@ VALID = [
     ("models_ok", "MODELS_OK", 3, {"json": '{"models":[]}'}, False),
     ("infer_digits", "INFER", 0x0102030405060708, {
         "timeout_us": 1_000_000, "model": "digits", "out_offset": 4096, "out_capacity": 8192,
-        "inputs": [t("input", "FP32", [2, 64], 0, 512)], "inline_hex": ""}, False),
+        "inputs": [t("input", "FP32", [2, 64], 0, 512)], "inline_hex": "", "version": None,
+        "routing_key": None}, False),
+    ("infer_pinned_version", "INFER", 13, {
+        "timeout_us": 0, "model": "linear", "out_offset": 64, "out_capacity": 64,
+        "inputs": [t("x", "FP32", [1, 1], 0, 4)], "inline_hex": "", "version": 2,
+        "routing_key": None}, False),
+    ("infer_routing_key", "INFER", 14, {
+        "timeout_us": 0, "model": "linear", "out_offset": 64, "out_capacity": 64,
+        "inputs": [t("x", "FP32", [1, 1], 0, 4)], "inline_hex": "", "version": None,
+        "routing_key": "user-42"}, False),
+    ("infer_version_and_key", "INFER", 15, {
+        "timeout_us": 0, "model": "linear", "out_offset": 64, "out_capacity": 64,
+        "inputs": [t("x", "FP32", [1, 1], 0, 4)], "inline_hex": "", "version": 70000,
+        "routing_key": "größe"}, True),
     ("infer_two_inputs_inline", "INFER", 9, {
         "timeout_us": 0, "model": "echo", "out_offset": 0, "out_capacity": 0,
         "inputs": [t("a", "FP32", [4], 0, 16, "inline", crc(FLOATS)),
                    t("b", "BYTES", [2], 16, 13, "inline", crc(b"\x03\0\0\0abc\x02\0\0\0hi"))],
-        "inline_hex": (FLOATS + b"\x03\0\0\0abc\x02\0\0\0hi").hex()}, True),
+        "inline_hex": (FLOATS + b"\x03\0\0\0abc\x02\0\0\0hi").hex(), "version": None,
+        "routing_key": None}, True),
     ("infer_scalar_bool", "INFER", 10, {
         "timeout_us": 50_000, "model": "m", "out_offset": 64, "out_capacity": 64,
-        "inputs": [t("flag", "BOOL", [], 0, 1)], "inline_hex": ""}, False),
+        "inputs": [t("flag", "BOOL", [], 0, 1)], "inline_hex": "", "version": None,
+        "routing_key": None}, False),
     ("infer_8_dims", "INFER", 11, {
         "timeout_us": 1, "model": "m", "out_offset": 128, "out_capacity": 0,
-        "inputs": [t("x", "INT8", [1, 2, 1, 2, 1, 2, 1, 2], 64, 16)], "inline_hex": ""}, False),
+        "inputs": [t("x", "INT8", [1, 2, 1, 2, 1, 2, 1, 2], 64, 16)], "inline_hex": "",
+        "version": None, "routing_key": None}, False),
     ("infer_ok", "INFER_OK", 0x0102030405060708, {
-        "queue_us": 12, "compute_us": 345, "preprocess_us": 6789, "batch_size": 8,
+        "queue_us": 12, "compute_us": 345, "preprocess_us": 6789, "batch_size": 8, "version": 3,
         "outputs": [t("logits", "FP32", [2, 10], 4096, 80)], "inline_hex": ""}, False),
     ("infer_ok_inline", "INFER_OK", 12, {
-        "queue_us": 0, "compute_us": 1, "preprocess_us": 0, "batch_size": 1,
+        "queue_us": 0, "compute_us": 1, "preprocess_us": 0, "batch_size": 1, "version": 0,
         "outputs": [t("y", "FP32", [2, 2], 0, 16, "inline", crc(FLOATS))],
         "inline_hex": FLOATS.hex()}, True),
     ("error_model_not_found", "ERROR", 5, {
         "code": "MODEL_NOT_FOUND", "message": "model 'nope' is not loaded; loaded: digits"}, False),
     ("error_utf8", "ERROR", 6, {"code": "MODEL_ERROR", "message": "ValueError: größe ✗"}, False),
+    ("error_version_not_found", "ERROR", 16, {
+        "code": "MODEL_NOT_FOUND",
+        "message": "model 'linear' has no version 7; versions: [1, 2]"}, False),
+    ("admin_list", "ADMIN", 17, {"json": '{"command":"list"}'}, False),
+    ("admin_reload", "ADMIN", 18, {"json": '{"command":"reload","model":"linear"}'}, False),
+    ("admin_ok", "ADMIN_OK", 18, {"json": (
+        '{"models":[{"name":"linear","policy":"latest","routing":null,"versions":'
+        '[{"version":2,"state":"ready","reason":null,"load_seconds":0.153,'
+        '"source":"/srv/models/linear/2/model.pt","backend":"torchscript"}]}]}')}, False),
+    ("error_unauthorized_admin", "ERROR", 19, {
+        "code": "UNAUTHORIZED",
+        "message": "uid 33 may not send ADMIN commands; admin_uid is [0, 1000]"}, False),
 ]
 
 # Tensor payload encodings (§2), for the PHP Tensor class and the Python codec.
@@ -157,6 +196,16 @@ def invalid() -> list[tuple[str, bytes, str, str]]:
     infer_ok = body("INFER", {"timeout_us": 0, "model": "m", "out_offset": 0, "out_capacity": 0,
                               "inputs": [t("x", "FP32", [4], 0, 16, "inline")],
                               "inline_hex": FLOATS.hex()})
+    keyed = body("INFER", {"timeout_us": 0, "model": "m", "out_offset": 0, "out_capacity": 0,
+                           "inputs": [t("x", "FP32", [4], 0, 16, "inline")],
+                           "inline_hex": FLOATS.hex(), "version": 1, "routing_key": "k"})
+    key_at = 24 + 1 + 4  # after the fixed part, the model name and the version
+
+    def patched_keyed(offset: int, data: bytes) -> bytes:
+        b = bytearray(keyed)
+        b[offset:offset + len(data)] = data
+        return frame("INFER", 4, bytes(b))
+
     def patched(offset: int, data: bytes) -> bytes:
         b = bytearray(infer_ok)
         b[offset:offset + len(data)] = data
@@ -181,7 +230,12 @@ def invalid() -> list[tuple[str, bytes, str, str]]:
          "PROTOCOL_ERROR", "body"),
         ("infer_nbytes_shape_mismatch", patched(desc + 32, struct.pack("<Q", 3)),
          "PROTOCOL_ERROR", "body"),
-        ("infer_trailing_reserved", patched(7, b"\x01"), "PROTOCOL_ERROR", "body"),
+        ("infer_unknown_option", patched(7, b"\x04"), "PROTOCOL_ERROR", "body"),
+        ("infer_version_zero", patched_keyed(25, struct.pack("<I", 0)), "PROTOCOL_ERROR",
+         "body"),
+        ("infer_routing_key_empty", patched_keyed(key_at, b"\x00"), "PROTOCOL_ERROR", "body"),
+        ("infer_truncated_in_version", frame("INFER", 3, keyed[:27]), "PROTOCOL_ERROR",
+         "body"),
     ]
 
 

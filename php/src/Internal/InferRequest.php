@@ -22,6 +22,10 @@ final class InferRequest
         /** @var list<TensorDescriptor> */
         public readonly array $inputs,
         public readonly string $inline = '',
+        /** the version to run (spec §6.1 INFER_OPT_VERSION); null = routed by the server */
+        public readonly ?int $version = null,
+        /** key for sticky A/B routing (INFER_OPT_ROUTING_KEY); null = weighted random */
+        public readonly ?string $routingKey = null,
     ) {
     }
 }

@@ -17,6 +17,7 @@ final class InferResponse
      * @param list<TensorDescriptor> $outputs
      * @param int $preprocessUs time spent decoding inputs and postprocessing outputs
      * @param int $batchSize rows in the model forward this request was part of (0 = not known)
+     * @param int $version the model version that computed the request (0 = not known)
      */
     public function __construct(
         public readonly int $queueUs,
@@ -25,6 +26,7 @@ final class InferResponse
         public readonly string $inline = '',
         public readonly int $preprocessUs = 0,
         public readonly int $batchSize = 0,
+        public readonly int $version = 0,
     ) {
     }
 }

@@ -35,17 +35,23 @@ final class Wire
     public const MODELS_OK = 0x83;
     public const INFER = 0x04;
     public const INFER_OK = 0x84;
+    public const ADMIN = 0x05;
+    public const ADMIN_OK = 0x85;
     public const ERROR = 0xFF;
+    /** INFER option bits (spec §6.1): a u32 version / a u8-length routing key follow the model name */
+    public const INFER_OPT_VERSION = 0x01;
+    public const INFER_OPT_ROUTING_KEY = 0x02;
 
     public const TYPE_NAMES = [
         self::ATTACH => 'ATTACH', self::ATTACH_OK => 'ATTACH_OK', self::PING => 'PING', self::PONG => 'PONG',
         self::MODELS => 'MODELS', self::MODELS_OK => 'MODELS_OK', self::INFER => 'INFER',
-        self::INFER_OK => 'INFER_OK', self::ERROR => 'ERROR',
+        self::INFER_OK => 'INFER_OK', self::ADMIN => 'ADMIN', self::ADMIN_OK => 'ADMIN_OK',
+        self::ERROR => 'ERROR',
     ];
 
     private const DESCRIPTOR_SIZE = 32;
-    /** INFER_OK fixed part: n_outputs, batch_size, queue_us, compute_us, preprocess_us (spec §6.2) */
-    private const INFER_OK_FIXED = 16;
+    /** INFER_OK fixed part: n_outputs, batch_size, queue_us, compute_us, preprocess_us, version (spec §6.2) */
+    private const INFER_OK_FIXED = 20;
 
     /**
      * CRC-32C (Castagnoli) of $data as an unsigned int.
@@ -121,7 +127,7 @@ final class Wire
     /**
      * Decodes and validates a body for the header's frame type (spec §6.3 checks included).
      *
-     * Returns null for PING/MODELS and the JSON text for PONG/MODELS_OK.
+     * Returns null for PING/MODELS and the JSON text for PONG/MODELS_OK/ADMIN/ADMIN_OK.
      *
      * @param int|null $regionSize when known, region-located tensors and output areas are checked against it
      */
@@ -150,7 +156,7 @@ final class Wire
             self::ATTACH => self::decodeAttach($body),
             self::ATTACH_OK => self::decodeAttachOk($body),
             self::PING, self::MODELS => self::decodeEmpty($header->type, $body),
-            self::PONG, self::MODELS_OK => $body,
+            self::PONG, self::MODELS_OK, self::ADMIN, self::ADMIN_OK => $body,
             self::INFER => self::decodeInfer($body, $regionSize),
             self::INFER_OK => self::decodeInferOk($body, $regionSize),
             self::ERROR => self::decodeError($body),
@@ -159,7 +165,8 @@ final class Wire
     }
 
     /**
-     * Encodes a body for $type from its message (null for PING/MODELS, a JSON string for PONG/MODELS_OK).
+     * Encodes a body for $type from its message (null for PING/MODELS, a JSON string for
+     * PONG/MODELS_OK/ADMIN/ADMIN_OK).
      */
     public static function encodeBody(
         int $type,
@@ -171,7 +178,8 @@ final class Wire
             $type === self::ATTACH_OK && $message instanceof AttachOk
                 => pack('PPVV', $message->regionSize, $message->regionCap, $message->maxBody, 0),
             ($type === self::PING || $type === self::MODELS) && $message === null => '',
-            ($type === self::PONG || $type === self::MODELS_OK) && is_string($message) => $message,
+            in_array($type, [self::PONG, self::MODELS_OK, self::ADMIN, self::ADMIN_OK], true)
+                && is_string($message) => $message,
             $type === self::INFER && $message instanceof InferRequest => self::encodeInfer($message),
             $type === self::INFER_OK && $message instanceof InferResponse => self::encodeInferOk($message),
             $type === self::ERROR && $message instanceof ErrorReply
@@ -226,7 +234,25 @@ final class Wire
         if ($n < 1 || $n > 64) {
             throw new InvalidInputException(sprintf('a request needs 1 to 64 inputs, got %d', $n));
         }
-        $out = pack('VvCCPP', $r->timeoutUs, $modelLen, $n, 0, $r->outOffset, $r->outCapacity) . $r->model;
+        $options = 0;
+        $optional = '';
+        if ($r->version !== null) {
+            if ($r->version < 1 || $r->version > 0xFFFFFFFF) {
+                throw new InvalidInputException(sprintf('model version %d must be 1 or more', $r->version));
+            }
+            $options |= self::INFER_OPT_VERSION;
+            $optional .= pack('V', $r->version);
+        }
+        if ($r->routingKey !== null) {
+            $keyLen = strlen($r->routingKey);
+            if ($keyLen < 1 || $keyLen > 255) {
+                throw new InvalidInputException(sprintf('a routing key must be 1 to 255 bytes long, got %d', $keyLen));
+            }
+            $options |= self::INFER_OPT_ROUTING_KEY;
+            $optional .= chr($keyLen) . $r->routingKey;
+        }
+        $out = pack('VvCCPP', $r->timeoutUs, $modelLen, $n, $options, $r->outOffset, $r->outCapacity)
+            . $r->model . $optional;
         foreach ($r->inputs as $d) {
             $out .= self::encodeDescriptor($d);
         }
@@ -235,7 +261,15 @@ final class Wire
 
     private static function encodeInferOk(InferResponse $r): string
     {
-        $out = pack('vvVVV', count($r->outputs), $r->batchSize, $r->queueUs, $r->computeUs, $r->preprocessUs);
+        $out = pack(
+            'vvVVVV',
+            count($r->outputs),
+            $r->batchSize,
+            $r->queueUs,
+            $r->computeUs,
+            $r->preprocessUs,
+            $r->version,
+        );
         foreach ($r->outputs as $d) {
             $out .= self::encodeDescriptor($d);
         }
@@ -299,8 +333,10 @@ final class Wire
         if ($len < 24) {
             throw new ProtocolException(sprintf('INFER body must be at least 24 bytes, got %d', $len));
         }
-        $b = unpack('Vtimeout/vmodel_len/Cn/Cres/Pout_off/Pout_cap', $body);
-        self::expectZero('INFER reserved field', $b['res']);
+        $b = unpack('Vtimeout/vmodel_len/Cn/Copt/Pout_off/Pout_cap', $body);
+        if (($b['opt'] & ~(self::INFER_OPT_VERSION | self::INFER_OPT_ROUTING_KEY)) !== 0) {
+            throw new ProtocolException(sprintf('INFER has unknown option bits 0x%02X', $b['opt']));
+        }
         if ($b['model_len'] < 1 || $b['model_len'] > 255) {
             throw new ProtocolException(sprintf('INFER model_len %d is not in 1..255', $b['model_len']));
         }
@@ -314,10 +350,39 @@ final class Wire
         $model = substr($body, 24, $b['model_len']);
         self::expectUtf8('INFER model name', $model);
         $pos = 24 + $b['model_len'];
+        $version = null;
+        $routingKey = null;
+        if (($b['opt'] & self::INFER_OPT_VERSION) !== 0) {
+            if ($len - $pos < 4) {
+                throw new ProtocolException('INFER body is truncated inside the model version');
+            }
+            $version = unpack('V', $body, $pos)[1];
+            $pos += 4;
+            if ($version === 0) {
+                throw new ProtocolException('INFER asks for model version 0; versions start at 1');
+            }
+        }
+        if (($b['opt'] & self::INFER_OPT_ROUTING_KEY) !== 0) {
+            $keyLen = $len > $pos ? ord($body[$pos]) : -1;
+            if ($keyLen < 1 || $len - $pos - 1 < $keyLen) {
+                throw new ProtocolException('INFER routing key is empty or truncated');
+            }
+            $routingKey = substr($body, $pos + 1, $keyLen);
+            $pos += 1 + $keyLen;
+        }
         $inputs = self::decodeDescriptors($body, $pos, $b['n'], 'input');
         $inline = substr($body, $pos);
         self::checkDescriptors($inputs, $inline, $regionSize, 'input');
-        return new InferRequest($b['timeout'], $model, $b['out_off'], $b['out_cap'], $inputs, $inline);
+        return new InferRequest(
+            $b['timeout'],
+            $model,
+            $b['out_off'],
+            $b['out_cap'],
+            $inputs,
+            $inline,
+            $version,
+            $routingKey,
+        );
     }
 
     private static function decodeInferOk(string $body, ?int $regionSize): InferResponse
@@ -329,12 +394,20 @@ final class Wire
                 strlen($body),
             ));
         }
-        $b = unpack('vn/vbatch/Vqueue/Vcompute/Vpre', $body);
+        $b = unpack('vn/vbatch/Vqueue/Vcompute/Vpre/Vversion', $body);
         $pos = self::INFER_OK_FIXED;
         $outputs = self::decodeDescriptors($body, $pos, $b['n'], 'output');
         $inline = substr($body, $pos);
         self::checkDescriptors($outputs, $inline, $regionSize, 'output');
-        return new InferResponse($b['queue'], $b['compute'], $outputs, $inline, $b['pre'], $b['batch']);
+        return new InferResponse(
+            $b['queue'],
+            $b['compute'],
+            $outputs,
+            $inline,
+            $b['pre'],
+            $b['batch'],
+            $b['version'],
+        );
     }
 
     /**

@@ -21,6 +21,8 @@ OPT_CRC = 0x0001  # §5.1
 FD_CARRIER = b"\xfd"  # §5.1
 LOCATION_REGION = 0  # §6.3
 LOCATION_INLINE = 1  # §6.3
+INFER_OPT_VERSION = 0x01  # §6.1: a u32 version follows the model name
+INFER_OPT_ROUTING_KEY = 0x02  # §6.1: a u8 length and a routing key follow
 
 
 class FrameType(enum.IntEnum):
@@ -34,6 +36,8 @@ class FrameType(enum.IntEnum):
     MODELS_OK = 0x83
     INFER = 0x04
     INFER_OK = 0x84
+    ADMIN = 0x05
+    ADMIN_OK = 0x85
     ERROR = 0xFF
 
 

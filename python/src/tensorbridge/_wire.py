@@ -17,6 +17,8 @@ from ._spec import (
     BY_CODE,
     FLAG_CRC,
     HEADER_SIZE,
+    INFER_OPT_ROUTING_KEY,
+    INFER_OPT_VERSION,
     LOCATION_INLINE,
     LOCATION_REGION,
     MAGIC,
@@ -34,7 +36,7 @@ _HEADER = struct.Struct("<IBBHQII")  # §3
 _ATTACH = struct.Struct("<IIQ")  # §5.1
 _ATTACH_OK = struct.Struct("<QQII")  # §5.1
 _INFER = struct.Struct("<IHBBQQ")  # §6.1
-_INFER_OK = struct.Struct("<HHIII")  # §6.2
+_INFER_OK = struct.Struct("<HHIIII")  # §6.2
 _TENSOR = struct.Struct("<BBBBHHQQII")  # §6.3
 _ERROR = struct.Struct("<HHI")  # §7
 _U64 = struct.Struct("<Q")
@@ -86,6 +88,10 @@ class InferRequest:
     out_capacity: int
     inputs: list[TensorDesc]
     inline: bytes | memoryview = b""
+    #: The version asked for (INFER_OPT_VERSION); None = routed by the server (§6.5).
+    version: int | None = None
+    #: Key for sticky A/B routing (INFER_OPT_ROUTING_KEY); None = weighted random.
+    routing_key: bytes | None = None
 
 
 @dataclass
@@ -99,6 +105,8 @@ class InferReply:
     preprocess_us: int = 0
     #: Rows of the model call this request was part of (dynamic batching); 0 = not known.
     batch_size: int = 0
+    #: The model version that computed the request; 0 = not known.
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,41 +285,67 @@ def _decode_tensors(r: _Reader, n: int, what: str) -> tuple[list[TensorDesc], me
 def encode_infer(req: InferRequest) -> bytes:
     """INFER body (§6.1)."""
     model = req.model.encode()
-    return (_INFER.pack(req.timeout_us, len(model), len(req.inputs), 0, req.out_offset,
+    options, optional = 0, b""
+    if req.version is not None:
+        if not 0 < req.version <= 0xFFFFFFFF:
+            raise ValueError(f"version must be 1..{0xFFFFFFFF}, not {req.version}")
+        options |= INFER_OPT_VERSION
+        optional += _U32.pack(req.version)
+    if req.routing_key is not None:
+        if not 0 < len(req.routing_key) <= MAX_NAME:
+            raise ValueError(f"a routing key must be 1..{MAX_NAME} bytes, not "
+                             f"{len(req.routing_key)}")
+        options |= INFER_OPT_ROUTING_KEY
+        optional += bytes((len(req.routing_key),)) + req.routing_key
+    return (_INFER.pack(req.timeout_us, len(model), len(req.inputs), options, req.out_offset,
                         req.out_capacity)
-            + model + b"".join(_encode_tensor(t) for t in req.inputs) + bytes(req.inline))
+            + model + optional + b"".join(_encode_tensor(t) for t in req.inputs)
+            + bytes(req.inline))
 
 
 def decode_infer(body: bytes | memoryview) -> InferRequest:
     """INFER body (§6.1); region offsets are checked later against the region size."""
     r = _Reader(body)
-    timeout_us, model_len, n_inputs, reserved, out_offset, out_capacity = r.unpack(
+    timeout_us, model_len, n_inputs, options, out_offset, out_capacity = r.unpack(
         _INFER, "INFER")
-    if reserved:
-        raise ProtocolError("non-zero reserved byte in INFER")
+    if options & ~(INFER_OPT_VERSION | INFER_OPT_ROUTING_KEY):
+        raise ProtocolError(f"unknown INFER option bits 0x{options:02x}")
     if not 0 < model_len <= MAX_NAME:
         raise ProtocolError(f"model name length {model_len} is not in 1..{MAX_NAME}")
     if not 0 < n_inputs <= MAX_INPUTS:
         raise ProtocolError(f"INFER has {n_inputs} inputs; 1..{MAX_INPUTS} are allowed")
     model = r.text(model_len, "model name")
+    version = key = None
+    if options & INFER_OPT_VERSION:
+        (version,) = r.unpack(_U32, "model version")
+        if version == 0:
+            raise ProtocolError("INFER asks for model version 0; versions start at 1")
+    if options & INFER_OPT_ROUTING_KEY:
+        key_len = r.take(1, "routing key length")[0]
+        if key_len == 0:
+            raise ProtocolError("INFER routing key is empty; leave INFER_OPT_ROUTING_KEY off")
+        key = bytes(r.take(key_len, "routing key"))
     inputs, inline = _decode_tensors(r, n_inputs, "input")
-    return InferRequest(timeout_us, model, out_offset, out_capacity, inputs, inline)
+    return InferRequest(timeout_us, model, out_offset, out_capacity, inputs, inline, version,
+                        key)
 
 
 def encode_infer_ok(reply: InferReply) -> bytes:
     """INFER_OK body (§6.2)."""
     return (_INFER_OK.pack(len(reply.outputs), min(reply.batch_size, 0xFFFF),
                            min(reply.queue_us, 0xFFFFFFFF), min(reply.compute_us, 0xFFFFFFFF),
-                           min(reply.preprocess_us, 0xFFFFFFFF))
+                           min(reply.preprocess_us, 0xFFFFFFFF), reply.version)
             + b"".join(_encode_tensor(t) for t in reply.outputs) + bytes(reply.inline))
 
 
 def decode_infer_ok(body: bytes | memoryview) -> InferReply:
     """INFER_OK body (§6.2)."""
     r = _Reader(body)
-    n, batch_size, queue_us, compute_us, preprocess_us = r.unpack(_INFER_OK, "INFER_OK")
+    n, batch_size, queue_us, compute_us, preprocess_us, version = r.unpack(_INFER_OK,
+                                                                           "INFER_OK")
     outputs, inline = _decode_tensors(r, n, "output")
-    return InferReply(queue_us, compute_us, outputs, inline, preprocess_us, batch_size)
+    return InferReply(queue_us, compute_us, outputs, inline, preprocess_us, batch_size,
+                      version)
 
 
 def encode_bytes_items(items: list[bytes]) -> bytes:
