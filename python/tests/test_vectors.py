@@ -156,8 +156,8 @@ def test_protocol_constants_match_the_spec() -> None:
     """Every constant of _spec equals the spec's table, and no table has an extra entry."""
     from tensorbridge import _errors, _spec
 
-    assert _spec.MAGIC == VECTORS["magic"]
-    assert _spec.VERSION == VECTORS["version"]
+    assert VECTORS["magic"] == _spec.MAGIC
+    assert VECTORS["version"] == _spec.VERSION
     assert {t.name: t.value for t in _spec.FrameType} == VECTORS["types"]
     assert {e.name: e.value for e in _spec.ErrorCode} == VECTORS["errors"]
     assert {d.name: d.code for d in _spec.DTYPES} == VECTORS["dtypes"]
