@@ -9,16 +9,18 @@ export PYTHONPATH := $(CURDIR)/python/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup demo demo-stop test test-python test-php lint bench bench-quick vectors clean soak fuzz
 
-APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit nginx-light wrk \
+APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit composer nginx-light wrk \
   chromium chromium-driver
 # promtool (Debian package prometheus, without its recommends) checks deploy/prometheus/; the
 # Prometheus service the package enables on a systemd host is switched off again.
 APT_TOOLS = prometheus
 
-# Installs: PHP (CLI, FPM; curl and gd for the benchmark baselines), phpunit, nginx and wrk,
-# chromium and chromium-driver for the web demo's browser test (apt, only when missing),
-# torch 2.13.0 (the CPU wheel; a looser pin pulls CUDA builds), and the tensorbridge package
-# with its dev and bench extras.
+# Installs: PHP (CLI, FPM; curl and gd for the benchmark baselines), phpunit, composer, nginx
+# and wrk, chromium and chromium-driver for the web demo's browser test (apt, only when
+# missing), torch 2.13.0 (the CPU wheel; a looser pin pulls CUDA builds), and this checkout's
+# tensorbridge package, editable, with its dev and bench extras. Whether the Python part is
+# there is decided by what pip installed (scripts/installed.py, run outside the tree with no
+# PYTHONPATH), never by what the source tree can import.
 setup:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "installing $(APT_PACKAGES) ..."; \
@@ -29,10 +31,10 @@ setup:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends $(APT_TOOLS) >/dev/null && \
 	  { systemctl disable --now prometheus >/dev/null 2>&1 || true; }; fi
-	@$(PYTHON) -c "import tensorbridge, torch, sklearn, pytest, fastapi, uvicorn, orjson, matplotlib, selenium, prometheus_client, hypothesis, supervisor" \
-	  2>/dev/null || { echo "installing torch==2.13.0 and python/[dev,bench] ..."; \
+	@cd / && env -u PYTHONPATH $(PYTHON) $(CURDIR)/scripts/installed.py $(CURDIR) dev bench \
+	  || { echo "installing torch==2.13.0 and python/[dev,bench] (editable, from $(CURDIR)) ..."; \
 	  $(PYTHON) -m pip install -q torch==2.13.0 && \
-	  $(PYTHON) -m pip install -q -e 'python[dev,bench]'; }
+	  $(PYTHON) -m pip install -q -e '$(CURDIR)/python[dev,bench]'; }
 
 # The web demo: TensorBridge server + PHP-FPM + nginx under .run/web/, left running; prints the
 # URL (port: TB_WEB_PORT, default 8080). `make demo-stop` stops it.
