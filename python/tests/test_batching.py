@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import tensorbridge as tb
-from tensorbridge._scheduler import Job, ModelQueue
+from tensorbridge._request import Request
+from tensorbridge._scheduler import ModelQueue
 from tensorbridge._spec import BY_NAME, FrameType
 from tensorbridge._wire import (
     InferRequest,
@@ -267,6 +268,13 @@ def test_a_full_queue_answers_overloaded_at_once(serve) -> None:
         assert _read(s)[0].type == FrameType.INFER_OK
 
 
+class _NoReply:
+    """The connection of a request that the test drives by hand: nobody to answer."""
+
+    def answer(self, request: Request) -> None:
+        pass
+
+
 def _take(queue: ModelQueue, now: float) -> tuple[list, float | None]:
     with queue._cv:  # as the instance threads call it
         return queue._take(now)
@@ -274,8 +282,9 @@ def _take(queue: ModelQueue, now: float) -> tuple[list, float | None]:
 
 def _jobs(queue: ModelQueue, n: int, rows: int = 1) -> None:
     for _ in range(n):
-        queue._jobs.append(Job(queue.model, {}, None, time.monotonic(), lambda *a: None,
-                               rows=rows, key=("k",)))
+        frame = InferRequest(0, queue.model.name, 0, 0, [])
+        queue._jobs.append(Request(frame, 0, 0, _NoReply(), queue.model, {}, time.monotonic(),
+                                   None, rows=rows, key=("k",)))
 
 
 def test_queue_depth_policy_takes_half_the_queue_above_50() -> None:

@@ -150,7 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         print("tensorbridge serve: no models; give --model NAME=SOURCE or --config FILE",
               file=sys.stderr)
         return EXIT_USAGE
-    from ._server import Server
+    from .server import Server
 
     server = Server(config)
     if config.metrics_port:

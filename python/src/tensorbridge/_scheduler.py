@@ -19,50 +19,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ._errors import DeadlineExceededError, InternalError, ModelError, TensorBridgeError
+from ._errors import DeadlineExceededError, InternalError, ModelError
 from ._models import LoadedModel
+from ._request import Request
 from ._signature import ANY
 
 log = logging.getLogger("tensorbridge")
 
 #: The seed's queue-depth policy: above this many waiting requests, batch.
 QUEUE_DEPTH_THRESHOLD = 50
-
-
-@dataclass(eq=False)
-class Job:
-    """One INFER waiting for, or running on, a model."""
-
-    model: LoadedModel
-    #: Model inputs (after preprocessing), dim 0 = rows when the model is batched.
-    inputs: dict[str, Any]
-    deadline: float | None
-    arrived: float
-    #: Called exactly once, in the thread that ran (or gave up on) the job, as
-    #: ``complete(job, outputs_or_error, batch_rows)``.
-    complete: Callable[[Job, dict[str, Any] | TensorBridgeError, int], None]
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: Rows this job adds to a batch; None = never merged with others.
-    rows: int | None = None
-    #: Jobs merge only when their keys are equal (same names, dtypes and non-batch dims).
-    key: tuple[Any, ...] | None = None
-    started: float = 0.0
-    _done: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def finish(self, outcome: dict[str, Any] | TensorBridgeError, batch_rows: int) -> bool:
-        """Deliver the outcome unless someone (the watchdog) already did; True if delivered."""
-        with self._lock:
-            if self._done:
-                return False
-            self._done = True
-        self.complete(self, outcome, batch_rows)
-        return True
 
 
 def batch_key(inputs: dict[str, Any]) -> tuple[int | None, tuple[Any, ...] | None]:
@@ -101,7 +70,7 @@ class _Instance:
         self.index = index
         self.healthy = True
         self.busy_since: float | None = None
-        self.jobs: list[Job] = []
+        self.jobs: list[Request] = []
         self.thread: threading.Thread | None = None
 
 
@@ -126,7 +95,7 @@ class ModelQueue:
         self.replaced = 0
         self._on_batch = on_batch
         self._on_instances = on_instances
-        self._jobs: deque[Job] = deque()
+        self._jobs: deque[Request] = deque()
         self._cv = threading.Condition()
         self._stopping = False
         self._instances: list[_Instance] = []
@@ -142,7 +111,7 @@ class ModelQueue:
 
     # -- submitting ------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> bool:
+    def submit(self, job: Request) -> bool:
         """Queue a job; False when ``max_queue`` jobs already wait (the caller answers OVERLOADED)."""
         with self._cv:
             if len(self._jobs) >= self.model.config.max_queue:
@@ -167,7 +136,7 @@ class ModelQueue:
                     return inst
             return None
 
-    def run_claimed(self, inst: _Instance, job: Job) -> None:
+    def run_claimed(self, inst: _Instance, job: Request) -> None:
         """Run a job in this thread on the instance taken by ``try_claim``, then free it."""
         try:
             self._run(inst, [job])
@@ -179,7 +148,7 @@ class ModelQueue:
 
     # -- housekeeping ----------------------------------------------------------------------
 
-    def expire(self, now: float) -> list[Job]:
+    def expire(self, now: float) -> list[Request]:
         """Remove and return the queued jobs whose deadline has passed."""
         with self._cv:
             if not any(j.deadline is not None and j.deadline <= now for j in self._jobs):
@@ -255,7 +224,7 @@ class ModelQueue:
             finally:
                 self._release(inst)
 
-    def _take(self, now: float) -> tuple[list[Job], float | None]:
+    def _take(self, now: float) -> tuple[list[Request], float | None]:
         """Pick the next batch under the lock: (jobs, None), or ([], seconds to wait)."""
         head = self._jobs[0]
         if not self.batching or head.key is None:
@@ -285,8 +254,8 @@ class ModelQueue:
             self._cv.notify_all()  # what is left may go to another idle instance now
         return batch, None
 
-    def _pop(self, same: list[Job], max_rows: int) -> list[Job]:
-        taken: list[Job] = []
+    def _pop(self, same: list[Request], max_rows: int) -> list[Request]:
+        taken: list[Request] = []
         rows = 0
         for job in same:
             if taken and rows + (job.rows or 0) > max_rows:
@@ -299,7 +268,7 @@ class ModelQueue:
 
     # -- running ---------------------------------------------------------------------------
 
-    def _run(self, inst: _Instance, jobs: list[Job]) -> None:
+    def _run(self, inst: _Instance, jobs: list[Request]) -> None:
         started = time.monotonic()
         live = []
         for job in jobs:
@@ -398,8 +367,8 @@ class ModelQueue:
                 self._report_instances()
 
 
-def deadline_error(job: Job) -> DeadlineExceededError:
+def deadline_error(job: Request) -> DeadlineExceededError:
     """The answer for a job whose deadline passed before its model could run."""
     return DeadlineExceededError(
-        f"the request's deadline ({job.extra.get('timeout_us', 0) / 1000:.1f} ms) passed "
+        f"the request's deadline ({job.timeout_us / 1000:.1f} ms) passed "
         f"before model {job.model.name!r} could run; it was not computed")

@@ -1,0 +1,336 @@
+"""``Server``: loading, start/drain/stop, and the pool threads that serve every connection.
+
+A pool of threads all wait on one epoll. Connections are registered one-shot, so each event
+reaches exactly one pool thread, which then owns that connection: it parses the frames and
+answers the cheap ones (PING, MODELS, ATTACH). An INFER is validated there; if its model is
+idle the same thread computes it at once (no hand-off, no extra wake-up: the latency of a
+thread per connection), while the other pool threads keep serving everyone else; if the model
+is busy the request waits in the model's bounded queue for its workers (``_scheduler``).
+Either way the outputs go into the connection's region and the computing thread sends the
+reply. A connection is paused while one of its requests is queued, so that replies go out in
+request order (spec §5.2).
+
+Measured alternatives (docs/benchmarks.md, bench/results/): a thread per connection fell to
+half of uvicorn's throughput at 16 PHP workers (GIL fights); one I/O thread handing every
+request to a worker, or a leader that passes the I/O role on before computing, cost an
+extra wake-up per request (~100 µs of server CPU at one client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .. import __version__
+from .._config import ServerConfig
+from .._errors import OverloadedError
+from .._metrics import Metrics
+from .._models import LoadedModel, load_model
+from .._request import Request
+from .._scheduler import ModelQueue, deadline_error
+from .accept import ONESHOT_IN, accept_pending, bind_listener
+from .connection import Connection
+
+log = logging.getLogger("tensorbridge")
+
+
+class Server:
+    """Serves loaded models on a Unix socket. ``start()`` returns; ``serve_forever()`` blocks."""
+
+    def __init__(self, config: ServerConfig, models: Iterable[LoadedModel] | None = None) -> None:
+        self.config = config
+        self.models: dict[str, LoadedModel] = {m.name: m for m in models or ()}
+        self.connections: set[Connection] = set()
+        #: Connections accepted since start (shown by PING, used to check reuse).
+        self.accepted = 0
+        #: The listening socket while accepting (None before start and once draining).
+        self.listener: socket.socket | None = None
+        self._lock = threading.Lock()  # guards connections, accepted, _computing, _handlers
+        self._queues: dict[str, ModelQueue] = {}
+        self._epoll: select.epoll | None = None
+        self._handlers: dict[int, Callable[[], None]] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._resumed: deque[Connection] = deque()
+        self._pool: list[threading.Thread] = []
+        self._computing = 0  # pool threads running a request inline
+        self._stopped = threading.Event()
+        self._shm_lock = threading.Lock()
+        self._shm_total = 0
+        #: Set by ``drain()``: new INFERs are refused while in-flight ones finish.
+        self.draining = False
+        self.metrics = Metrics(config.shm_cap)
+        self._loaded_here: set[str] = set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether ``stop()`` has begun."""
+        return self._stopped.is_set()
+
+    def load_models(self) -> None:
+        """Load every model of the config, in order, logging progress."""
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        else:
+            # N instances each running a forward at once share the cores: give each its part
+            # rather than letting N pools of cpu_count threads fight (measured in S7).
+            most = max((m.instance_count for m in self.config.models), default=1)
+            if most > 1:
+                threads = max(1, (os.cpu_count() or 1) // most)
+                torch.set_num_threads(threads)
+                log.info("%d instances of a model: %d torch thread(s) each", most, threads)
+        for i, model_config in enumerate(self.config.models, 1):
+            log.info("model %d/%d", i, len(self.config.models))
+            t0 = time.monotonic()
+            model = load_model(model_config)
+            self.models[model.name] = model
+            self._loaded_here.add(model.name)
+            self.metrics.model_loaded(model.name, time.monotonic() - t0,
+                                      model_config.instance_count)
+
+    def start(self) -> None:
+        """Bind the socket and start serving in background threads."""
+        listener = bind_listener(self.config)
+        self.listener = listener
+        for name, m in self.models.items():
+            if name not in self._loaded_here:  # given ready-made, not by load_models()
+                self.metrics.model_loaded(name, 0.0, m.config.instance_count)
+        self._queues = {name: ModelQueue(m, self.metrics.batch, self.metrics.instances_alive)
+                        for name, m in self.models.items()}
+        self._epoll = select.epoll()
+        self._handlers[listener.fileno()] = lambda: accept_pending(self)
+        self._epoll.register(listener.fileno(), select.EPOLLIN)
+        self._handlers[self._wake_r.fileno()] = self._on_wake
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._pool = [threading.Thread(target=self._serve_events, name=f"tb-io-{i}",
+                                       daemon=True) for i in range(self.config.io_threads)]
+        for t in self._pool:
+            t.start()
+        log.info("serving %s on %s", ", ".join(self.models) or "no models", self.config.socket)
+
+    def serve_forever(self) -> None:
+        """``start()``, then block until ``stop()`` is called (e.g. from a signal handler)."""
+        if self._epoll is None:  # not started (a drain may have closed the listener already)
+            self.start()
+        self._stopped.wait()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting and refuse new INFERs, wait up to ``timeout`` seconds for the
+        in-flight ones to be answered, then ``stop()``. True if nothing was cut off."""
+        if self._stopped.is_set():
+            return True
+        self.draining = True
+        self._close_listener()
+        log.info("draining: waiting up to %.1f s for in-flight requests", timeout)
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = sum(c.pending for c in self.connections)
+            if not busy:
+                break
+            if time.monotonic() >= end:
+                log.warning("drain timeout: %d request(s) still in flight are cut off", busy)
+                break
+            time.sleep(0.01)
+        self.stop()
+        return not busy
+
+    def _close_listener(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is None:
+            return
+        self._handlers.pop(listener.fileno(), None)
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(listener.fileno())
+        except (OSError, ValueError):
+            pass
+        listener.close()
+        try:
+            os.unlink(self.config.socket)
+        except FileNotFoundError:
+            pass
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection (freeing its region) and remove the socket."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._wake()  # never drained once stopped: every pool thread sees it and leaves
+        for t in self._pool:
+            t.join(timeout=10)
+        for queue in self._queues.values():
+            queue.stop()
+        for conn in list(self.connections):
+            conn.close()
+        self._close_listener()
+        self.metrics.stop_http()
+        if self._epoll is not None:
+            self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def status(self) -> bytes:
+        """PONG body (spec §4): identity plus connection counters."""
+        return json.dumps({"server": "tensorbridge", "version": __version__, "protocol": 1,
+                           "pid": os.getpid(), "connections_accepted": self.accepted,
+                           "connections_open": len(self.connections),
+                           "requests_in_flight": sum(c.pending for c in list(self.connections)),
+                           "ready": self.ready(),
+                           "models": sorted(self.models)}).encode()
+
+    def ready(self) -> bool:
+        """Serving, not draining, and every model has a healthy instance."""
+        return (not self.draining and not self._stopped.is_set()
+                and all(q.healthy_instances() > 0 for q in self._queues.values()))
+
+    def metadata(self) -> bytes:
+        """MODELS_OK body (spec §4.1)."""
+        return json.dumps({"models": [m.metadata() for m in self.models.values()]}).encode()
+
+    # -- the pool threads ----------------------------------------------------------------
+
+    def _serve_events(self) -> None:
+        """A pool thread: wait on the shared epoll for one event and serve it, forever.
+
+        Every pool thread waits at once; a connection is registered one-shot, so exactly one
+        thread gets its event and owns it until it re-arms it (``arm``)."""
+        assert self._epoll is not None
+        while not self._stopped.is_set():
+            timeout = self._select_timeout()
+            try:
+                events = self._epoll.poll(-1 if timeout is None else timeout, 1)
+            except OSError:
+                return  # closed by stop()
+            try:
+                for fd, _ in events:
+                    handler = self._handlers.get(fd)
+                    if handler is not None:
+                        handler()
+                self._expire_queued()
+            except Exception:  # a server bug must not cost a pool thread
+                log.exception("internal error in a pool thread")
+
+    def queue(self, name: str) -> ModelQueue:
+        """The work queue of a loaded model."""
+        return self._queues[name]
+
+    def dispatch(self, request: Request) -> bool:
+        """Run ``request`` now, in this thread, if its model is idle; else queue it.
+
+        False when the model's queue is full (the caller answers OVERLOADED)."""
+        queue = self._queues[request.model.name]
+        with self._lock:
+            # Keep one thread waiting on epoll: never let the last one go compute.
+            spare = self._computing < len(self._pool) - 1
+            instance = queue.try_claim() if spare else None
+            if instance is not None:
+                self._computing += 1
+        if instance is None:
+            return queue.submit(request)
+        try:
+            queue.run_claimed(instance, request)
+        finally:
+            with self._lock:
+                self._computing -= 1
+        return True
+
+    def reserve_shm(self, nbytes: int) -> None:
+        """Account for a region growing by ``nbytes``; OVERLOADED past ``shm_cap``."""
+        with self._shm_lock:
+            if nbytes > 0 and self._shm_total + nbytes > self.config.shm_cap:
+                raise OverloadedError(
+                    f"the server's shared-memory cap ({self.config.shm_cap >> 20} MiB, "
+                    f"shm_cap_mb) is used up by {len(self.connections)} connections' regions; "
+                    "retry later, use smaller tensors, or raise shm_cap_mb")
+            self._shm_total += nbytes
+        self.metrics.shm_mapped(nbytes)
+
+    def release_shm(self, nbytes: int) -> None:
+        """Account for a region of ``nbytes`` being unmapped."""
+        with self._shm_lock:
+            self._shm_total -= nbytes
+        self.metrics.shm_mapped(-nbytes)
+
+    def _select_timeout(self) -> float | None:
+        deadlines = [d for q in self._queues.values() if (d := q.next_deadline()) is not None]
+        return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
+
+    def _expire_queued(self) -> None:
+        now = time.monotonic()
+        for queue in self._queues.values():
+            for request in queue.expire(now):
+                request.finish(deadline_error(request), 0)
+
+    # -- the connections' books ----------------------------------------------------------
+
+    def adopt(self, conn: Connection) -> None:
+        """Count a freshly accepted connection and route its events to it."""
+        with self._lock:
+            self.connections.add(conn)
+            self.accepted += 1
+            self._handlers[conn.fd] = conn.on_readable
+        self.metrics.connections(1)
+
+    def watch(self, conn: Connection) -> None:
+        """Start delivering the events of an admitted connection to the pool."""
+        if self._epoll is not None:
+            self._epoll.register(conn.fd, ONESHOT_IN)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are shutting down
+
+    def _on_wake(self) -> None:
+        if self._stopped.is_set():
+            return  # leave the byte there: it wakes the other pool threads too
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                conn = self._resumed.popleft()
+            except IndexError:
+                return
+            conn.resume()
+
+    def resume(self, conn: Connection) -> None:
+        """Have a pool thread serve the frames that arrived while ``conn`` was busy."""
+        self._resumed.append(conn)
+        self._wake()
+
+    def arm(self, conn: Connection) -> None:
+        """Let the next event of ``conn`` reach a pool thread (one-shot registration)."""
+        assert self._epoll is not None
+        try:
+            self._epoll.modify(conn.fd, ONESHOT_IN)
+        except (OSError, ValueError):
+            pass  # closed meanwhile
+
+    def forget(self, conn: Connection) -> None:
+        """Drop a closed connection from epoll and the books."""
+        with self._lock:
+            if conn not in self.connections:
+                return
+            self.connections.discard(conn)
+            self._handlers.pop(conn.fd, None)
+        self.metrics.connections(-1)
+        if self._epoll is not None:
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
