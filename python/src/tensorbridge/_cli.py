@@ -69,8 +69,16 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ("--metrics-host", "metrics_host", str,
      "address for /metrics (default 127.0.0.1; 0.0.0.0 exposes it to the network)"),
     ("--log-format", "log_format", str, "text, or json: one JSON object per line (default text)"),
+    ("--repository", "repository", str,
+     "model repository: serve DIR/<model>/<version>/model.{pt,onnx,py}"),
+    ("--poll-interval", "poll_interval", float,
+     "seconds between looks at the repository for new or removed versions, 0 = off "
+     "(default 0)"),
+    ("--admin-uid", "admin_uid", int,
+     "uid allowed to load/unload/reload models; repeatable; env: comma-separated "
+     "(default: the server's uid and root)"),
 )
-_REPEATABLE = ("allow_uid", "allow_gid")
+_REPEATABLE = ("allow_uid", "allow_gid", "admin_uid")
 
 
 def _env_name(key: str) -> str:
@@ -107,13 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["debug", "info", "warning", "error"],
                        help="(env TENSORBRIDGE_LOG_LEVEL; default %(default)s)")
 
-    for name, text in (("models", "list the models a running server has loaded"),
+    for name, text in (("models", "the models of a running server: their signatures, or "
+                                  "list / load / unload / reload NAME (versions and states)"),
                        ("health", "exit 0 when a server answers and every model is ready, else 1")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--socket", default=None, help=sock_help.replace(
             "%(default)s", default_socket_path()))
         p.add_argument("--format", choices=["text", "json"], default="text")
-        p.add_argument("--timeout", type=float, default=2.0)
+        p.add_argument("--timeout", type=float, default=None,
+                       help="seconds to wait for the answer (default 2; load and reload: 600)")
+        if name == "models":
+            p.add_argument("action", nargs="?", choices=ADMIN_ACTIONS,
+                           help="without one: the signatures of the served models")
+            p.add_argument("name", nargs="?", help="the model (required but for list)")
     return parser
 
 
@@ -146,9 +160,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     configure_logging(args.log_level, config.log_format)
     log = logging.getLogger("tensorbridge")
-    if not config.models:
-        print("tensorbridge serve: no models; give --model NAME=SOURCE or --config FILE",
-              file=sys.stderr)
+    if not config.models and not config.repository:
+        print("tensorbridge serve: no models; give --model NAME=SOURCE, --repository DIR or "
+              "--config FILE", file=sys.stderr)
         return EXIT_USAGE
     from .server import Server
 
@@ -178,9 +192,42 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _query(args: argparse.Namespace) -> int:
+#: ``tensorbridge models ACTION``: the ADMIN commands of the protocol (spec §11).
+ADMIN_ACTIONS = ("list", "load", "unload", "reload")
+#: Loading a model can take minutes (large weights, warm-up); the CLI waits that long.
+_LOAD_TIMEOUT = 600.0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    if args.action != "list" and not args.name:
+        print(f"tensorbridge models {args.action}: give the model name", file=sys.stderr)
+        return EXIT_USAGE
+    timeout = args.timeout if args.timeout is not None else (
+        _LOAD_TIMEOUT if args.action in ("load", "reload") else 2.0)
     try:
-        with Client(args.socket, timeout=args.timeout) as client:
+        with Client(args.socket, timeout=2.0) as client:
+            result = client.admin(args.action, args.name, timeout=timeout)
+    except TensorBridgeError as exc:
+        print(f"tensorbridge models {args.action}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    for m in result:
+        routing = f", routing {m['routing']}" if m["routing"] else ""
+        print(f"{m['name']} (policy {m['policy']}{routing})")
+        for v in m["versions"] or [{"version": "-", "state": "not loaded"}]:
+            extra = f" {v['backend']} {v['load_seconds']} s" if v.get("load_seconds") else ""
+            reason = f": {v['reason']}" if v.get("reason") else ""
+            print(f"  {v['version']}: {v['state']}{extra}{reason}")
+    return EXIT_OK
+
+
+def _query(args: argparse.Namespace) -> int:
+    if getattr(args, "action", None):
+        return _admin(args)
+    try:
+        with Client(args.socket, timeout=args.timeout or 2.0) as client:
             result = client.ping() if args.command == "health" else client.models()
     except TensorBridgeError as exc:
         print(f"tensorbridge {args.command}: {exc}", file=sys.stderr)

@@ -69,6 +69,8 @@ class Client:
         self._sock: socket.socket | None = None
         self._mm: mmap.mmap | None = None
         self._next_id = random.randrange(1, 1 << 40)
+        #: The model version that answered the last ``infer`` (0 = not known).
+        self.last_version = 0
 
     def __enter__(self) -> Client:
         return self
@@ -93,8 +95,21 @@ class Client:
         """Loaded models with their signatures (spec §4.1)."""
         return json.loads(bytes(self._call(FrameType.MODELS, b"", FrameType.MODELS_OK)))["models"]
 
-    def infer(self, model: str, inputs: Mapping[str, _Input]) -> dict[str, Any]:
-        """Run ``model``; returns outputs as tensors (BYTES outputs as lists of bytes)."""
+    def admin(self, command: str, model: str | None = None,
+              timeout: float | None = None) -> list[dict[str, Any]]:
+        """A lifecycle command (spec §11): ``list``, ``load``, ``unload``, ``reload``; returns
+        the models concerned with their versions and states. ``load``/``reload`` answer once
+        the new versions are ready, so give them a ``timeout`` long enough to load a model."""
+        body = json.dumps({"command": command, **({"model": model} if model else {})})
+        deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+        reply = self._call(FrameType.ADMIN, body.encode(), FrameType.ADMIN_OK, deadline)
+        return json.loads(bytes(reply))["models"]
+
+    def infer(self, model: str, inputs: Mapping[str, _Input], version: int | None = None,
+              routing_key: str | bytes | None = None) -> dict[str, Any]:
+        """Run ``model`` (``version`` pins one; ``routing_key`` keeps A/B routing sticky);
+        returns outputs as tensors (BYTES outputs as lists of bytes). ``last_version`` then
+        says which version answered."""
         prepared = [(name, *_as_payload(value)) for name, value in inputs.items()]
         in_bytes = sum(_align(len(p[3]) if p[3] is not None else p[2].nbytes)
                        for p in prepared)
@@ -111,9 +126,12 @@ class Client:
                                     else (len(tensor),), LOCATION_REGION, offset, len(raw),
                                     crc32c(raw) if self.checksums else 0))
             offset = _align(offset + len(raw))
-        req = InferRequest(int(self.timeout * 1e6), model, offset, len(mm) - offset, descs)
+        key = routing_key.encode() if isinstance(routing_key, str) else routing_key
+        req = InferRequest(int(self.timeout * 1e6), model, offset, len(mm) - offset, descs,
+                           version=version, routing_key=key)
         reply = decode_infer_ok(self._call(FrameType.INFER, encode_infer(req),
                                            FrameType.INFER_OK, deadline))
+        self.last_version = reply.version
         out: dict[str, Any] = {}
         for d in reply.outputs:
             raw = mm[d.offset:d.offset + d.nbytes] if d.location == LOCATION_REGION \

@@ -70,6 +70,13 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     #: ``text`` or ``json`` (one JSON object per line) log lines on stderr.
     log_format: str = "text"
+    #: Model repository: serve every ``DIR/<model>/<version>/`` (docs/operations.md).
+    repository: str | None = None
+    #: Seconds between looks at the repository for new or removed versions (0 = off).
+    poll_interval: float = 0.0
+    #: uids allowed to send ADMIN commands (load, unload, reload); empty = the server's own
+    #: uid and root.
+    admin_uid: list[int] = field(default_factory=list)
 
     def apply(self, settings: dict[str, Any]) -> None:
         """Set fields from ``[server]``-style keys (``shm_cap_mb = 512``, ``socket_mode =
@@ -81,7 +88,7 @@ class ServerConfig:
                 setattr(self, _MB_KEYS[key], _megabytes(key, value))
             elif key == "socket_mode":
                 self.socket_mode = parse_mode(value)
-            elif key in ("allow_uid", "allow_gid"):
+            elif key in ("allow_uid", "allow_gid", "admin_uid"):
                 setattr(self, key, _id_list(key, value))
             elif key in ("socket_owner", "socket_group"):
                 setattr(self, key, str(value) if str(value) else None)
@@ -99,13 +106,15 @@ class ServerConfig:
                 self.metrics_port = port
             elif key == "threads":
                 self.threads = _number(key, value, int)
-            elif key in ("slow_ms", "drain_timeout"):
+            elif key in ("slow_ms", "drain_timeout", "poll_interval"):
                 number = _number(key, value, float)
                 if number < 0:
                     raise ValueError(f"{key} must be >= 0, not {number}")
                 setattr(self, key, number)
             elif key in ("socket", "metrics_host"):
                 setattr(self, key, str(value))
+            elif key == "repository":
+                self.repository = str(value) if str(value) else None
             else:
                 raise ValueError(f"unknown setting {key!r}")
 
@@ -131,6 +140,8 @@ class ServerConfig:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: [server] {exc}") from None
         base = Path(path).parent
+        if config.repository and not Path(config.repository).is_absolute():
+            config.repository = str(base / config.repository)
         for name, table in raw.get("models", {}).items():
             table = dict(table)
             unknown = set(table) - set(ModelConfig.__dataclass_fields__) - {"name"}
@@ -144,6 +155,8 @@ class ServerConfig:
             if isinstance(labels, str) and ":" not in labels and not Path(labels).is_absolute():
                 table["postprocess"] = {**table["postprocess"], "labels": str(base / labels)}
             table.pop("name", None)
+            # Without a source the table overrides the repository's config of that model.
+            table.setdefault("source", "")
             config.models.append(ModelConfig(name=name, **table))
         return config
 
@@ -154,7 +167,7 @@ _MB_KEYS = {"region_initial_mb": "region_initial", "region_cap_mb": "region_cap"
 _SERVER_KEYS = frozenset({"socket", "threads", "allow_uid", "allow_gid", "socket_mode",
                           "socket_owner", "socket_group", "slow_ms", "io_threads",
                           "drain_timeout", "metrics_port", "metrics_host", "log_format",
-                          *_MB_KEYS})
+                          "repository", "poll_interval", "admin_uid", *_MB_KEYS})
 
 
 def parse_mode(value: Any) -> int:

@@ -53,6 +53,9 @@ METRIC_NAMES = frozenset({
     "tensorbridge_instances_alive",
     "tensorbridge_instances_configured",
     "tensorbridge_model_load_seconds",
+    "tensorbridge_model_version_requests_total",
+    "tensorbridge_model_version_ready",
+    "tensorbridge_model_load_failures_total",
 })
 
 
@@ -112,6 +115,17 @@ class Metrics:
                                  registry=r)
         self._load = Gauge("tensorbridge_model_load_seconds",
                            "Time the model took to load and warm up", ["model"], registry=r)
+        self._version_requests = Counter(
+            "tensorbridge_model_version_requests", "Requests answered, by model, version and "
+            "status (which version A/B routing and reloads sent them to)",
+            ["model", "version", "status"], registry=r)
+        self._version_children: dict[tuple[str, int, str], Any] = {}
+        self._version_ready = Gauge("tensorbridge_model_version_ready",
+                                    "1 while a model version is loaded and routed, else 0",
+                                    ["model", "version"], registry=r)
+        self._load_failures = Counter("tensorbridge_model_load_failures",
+                                      "Model versions that failed to load or warm up",
+                                      ["model"], registry=r)
 
     def start_http(self, host: str, port: int) -> None:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread."""
@@ -133,6 +147,26 @@ class Metrics:
         self._load.labels(model).set(seconds)
         self._configured.labels(model).set(instances)
         self._alive.labels(model).set(instances)
+
+    def load_failed(self, model: str) -> None:
+        """A version of ``model`` failed to load or warm up (the old one keeps serving)."""
+        with self._lock:
+            self._known.add(model)
+        self._load_failures.labels(model).inc()
+
+    def version_ready(self, model: str, version: int, ready: bool) -> None:
+        """A version became ready (routed) or stopped being so."""
+        with self._lock:
+            self._known.add(model)
+        self._version_ready.labels(model, str(version)).set(1 if ready else 0)
+
+    def version_request(self, model: str, version: int, status: str) -> None:
+        """One INFER answered by ``version`` of a known model."""
+        child = self._version_children.get((model, version, status))
+        if child is None:
+            child = self._version_requests.labels(self._model(model), str(version), status)
+            self._version_children[(model, version, status)] = child
+        child.inc()
 
     def instances_alive(self, model: str, n: int) -> None:
         """How many of the model's instances are healthy now."""

@@ -1,18 +1,17 @@
-"""Loading models (TorchScript or eager factory + weights) and running them."""
+"""Loading models (any backend of ``_backends``), warming them up and running them."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._backends import backend_name, forward_inputs, load_backend
 from ._errors import ModelError
 from ._pipeline import Pipeline, PipelineConfigError
 from ._signature import ANY, Signature
@@ -65,6 +64,14 @@ class ModelConfig:
     preprocess: dict[str, Any] | None = None
     #: Server-side postprocessing (``[models.NAME.postprocess]``): softmax, top_k, labels.
     postprocess: dict[str, Any] | None = None
+    #: Warm-up inputs ``{name: nested list}`` (dtype from the signature); None = zeros of the
+    #: signature's shapes (-1 dims become 1).
+    warmup_inputs: dict[str, Any] | None = None
+    #: Repository models: which versions to serve: ``"latest"``, ``"all"``, ``{latest = N}``
+    #: or a list of version numbers (``_repository``).
+    version_policy: Any = "latest"
+    #: A/B routing (``[models.NAME.routing]``): ``{split = {"1" = 90, "2" = 10}}``.
+    routing: dict[str, Any] | None = None
 
     @property
     def instance_count(self) -> int:
@@ -86,9 +93,11 @@ class LoadedModel:
     """A model kept in memory with its signature; the server queues requests for it."""
 
     def __init__(self, config: ModelConfig, module: Any, signature: Signature,
-                 pipeline: Pipeline | None = None) -> None:
+                 pipeline: Pipeline | None = None, version: int = 1) -> None:
         self.config = config
         self.name = config.name
+        #: The version number this copy serves (1 for a model given without a repository).
+        self.version = version
         self.module = module
         self.pipeline = pipeline or Pipeline()
         self.device = torch.device(config.device)
@@ -181,39 +190,46 @@ def _is_bytes_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, (bytes, str)) for v in value)
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Load, ``eval()``, work out the signature and warm up one model, logging progress."""
+def load_model(config: ModelConfig, version: int = 1) -> LoadedModel:
+    """Load, ``eval()``, work out the signature and warm up one model, logging progress.
+
+    Warm-up runs ``config.warmup`` times on each of the model's instances at once (the
+    TorchScript executor optimises per thread); the model is returned only when warm.
+    """
     t0 = time.monotonic()
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"model {config.name!r} asks for device {config.device!r}, but CUDA is "
                          f"not available here (torch {torch.__version__}); use --device cpu")
-    log.info("loading model %r from %s%s", config.name, config.source,
+    log.info("loading model %r version %d from %s (%s)%s", config.name, version, config.source,
+             backend_name(config.source),
              f" with weights {config.weights}" if config.weights else "")
-    module, declared = _load_module(config)
+    module, declared = load_backend(config)
     if hasattr(module, "eval"):
         module.eval()
     if hasattr(module, "to") and config.device != "cpu":
         module = module.to(config.device)
     inputs = config.inputs if config.inputs is not None else declared.get(
-        "inputs", _forward_inputs(module))
+        "inputs", forward_inputs(module))
     outputs = config.outputs if config.outputs is not None else declared.get("outputs")
     signature = Signature.parse(inputs, outputs)
     pipeline = _build_pipeline(config, module, signature)
-    model = LoadedModel(config, module, signature, pipeline)
+    model = LoadedModel(config, module, signature, pipeline, version)
     log.info("loaded %r in %.2f s", config.name, time.monotonic() - t0)
     if config.warmup > 0:
         # Warm up the module itself: its inputs can be made up even when the client's
         # (image files) cannot; the postprocess then runs on its outputs.
-        example = _example_inputs(signature)
+        example = _warmup_example(config, signature)
         if example is None:
             log.info("no warm-up for %r: it needs declared FP/INT input shapes (BYTES inputs "
-                     "and open signatures cannot be made up)", config.name)
+                     "and open signatures cannot be made up) or warmup_inputs", config.name)
         else:
             t1 = time.monotonic()
             for i in range(config.warmup):
                 result = model.forward(example)
                 log.info("warm-up %r: run %d/%d", config.name, i + 1, config.warmup)
+            if config.instance_count > 1:
+                _warm_instances(model, example, config.instance_count, config.warmup)
             if outputs is None:
                 learnt = _signature_from_run(signature, result)
                 if pipeline.active:  # the outputs it attaches to are known only now
@@ -240,54 +256,44 @@ def _build_pipeline(config: ModelConfig, module: Any, forward: Signature) -> Pip
         raise PipelineConfigError(f"model {config.name!r}: {exc}") from None
 
 
-def _load_module(config: ModelConfig) -> tuple[Any, dict[str, Any]]:
-    source = config.source
-    if ":" in source and not Path(source).exists():
-        module_name, _, factory_name = source.partition(":")
+def _warm_instances(model: LoadedModel, example: dict[str, Any], instances: int,
+                    runs: int) -> None:
+    """Run the warm-up on ``instances`` threads at once, as the instances will run."""
+    errors: list[BaseException] = []
+
+    def warm() -> None:
         try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model {config.name!r}: cannot import {source!r}: {exc}") from exc
-        module = factory(**config.options)
-        if config.weights:
-            module.load_state_dict(_load_state_dict(config.weights))
-        declared = dict(getattr(module, "tensorbridge_signature", {}) or {})
-        return module, declared
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"model {config.name!r}: {source!r} is neither a file nor "
-                         "package.module:factory")
-    try:
-        return torch.jit.load(str(path), map_location=config.device), {}
-    except RuntimeError as exc:
-        raise ValueError(f"model {config.name!r}: {path} is not a TorchScript file "
-                         f"(torch.jit.save); eager models need module:factory: {exc}") from exc
+            for _ in range(runs):
+                model.forward(example)
+        except BaseException as exc:  # re-raised below, in the loading thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=warm, name=f"tb-warm-{model.name}-{i}")
+               for i in range(instances)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _forward_inputs(module: Any) -> list[str] | None:
-    """Input names from ``forward``: the TorchScript schema or the Python signature.
-
-    Datatype and shape stay open (ANY); give them in the config to have them checked.
-    """
-    forward = getattr(module, "forward", None)
-    schema = getattr(forward, "schema", None)
-    if schema is not None:
-        return [a.name for a in schema.arguments[1:]]
-    try:
-        params = inspect.signature(forward or module).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        return None
-    return [p.name for p in params]
+def _warmup_example(config: ModelConfig, signature: Signature) -> dict[str, Any] | None:
+    """Warm-up inputs: ``warmup_inputs`` of the config, else made up from the signature."""
+    if config.warmup_inputs is None:
+        return _example_inputs(signature)
+    example = {}
+    specs = {s.name: s for s in signature.inputs or ()}
+    for name, values in config.warmup_inputs.items():
+        spec = specs.get(name)
+        dtype = (BY_NAME[spec.datatype].torch if spec is not None and spec.datatype in BY_NAME
+                 and BY_NAME[spec.datatype].torch is not None else None)
+        try:
+            example[name] = torch.tensor(values, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"model {config.name!r}: warmup_inputs[{name!r}] cannot be made "
+                             f"into a tensor: {exc}") from None
+    return example
 
 
 def _example_inputs(signature: Signature) -> dict[str, Any] | None:

@@ -125,9 +125,9 @@ def create(weights: str | None = None, top_k: int = 10) -> ResNet18:
     """
     model = ResNet18()
     if weights:
-        from .._models import _load_state_dict
+        from .._backends import load_state_dict
 
-        model.load_state_dict(_load_state_dict(weights))
+        model.load_state_dict(load_state_dict(weights))
     pipeline = {k: dict(v) for k, v in PIPELINE.items()}
     pipeline["postprocess"]["top_k"] = top_k
     model.tensorbridge_pipeline = pipeline
@@ -138,7 +138,7 @@ def create_tensor(weights: str | None = None) -> ResNet18:
     """Plain ResNet-18: input ``input`` FP32 [-1, 3, 224, 224], output ``logits`` [-1, 1000]."""
     model = ResNet18()
     if weights:
-        from .._models import _load_state_dict
+        from .._backends import load_state_dict
 
-        model.load_state_dict(_load_state_dict(weights))
+        model.load_state_dict(load_state_dict(weights))
     return model
