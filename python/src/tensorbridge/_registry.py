@@ -165,6 +165,9 @@ class Registry:
         self._lock = threading.Lock()  # guards _entries and every entry's copies
         self._entries: dict[str, _Entry] = {}
         self._poll_interval = poll_interval
+        #: The queues of every copy not yet freed, rebuilt on each change: the pool threads
+        #: read it on every wake-up (deadlines), so it is never built on that path.
+        self.queues: tuple[Any, ...] = ()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         for config in models:
@@ -217,11 +220,27 @@ class Registry:
         for entry in list(self._entries.values()):
             yield from entry.route.by_version.values()
 
-    def live_queues(self) -> list[Any]:
-        """The queues of every copy not yet freed (routed or draining)."""
+    def default(self, name: str) -> ServedVersion | None:
+        """The version a request for ``name`` without a version or key would get now."""
+        entry = self._entries.get(name)
+        return entry.route.newest if entry is not None else None
+
+    def adopt(self, model: LoadedModel) -> None:
+        """Serve a model loaded by the caller as version 1 (``Server(config, models)``)."""
+        copy = ServedVersion(model.name, model.version, model.config, ())
+        copy.model, copy.queue, copy.load_seconds = model, self._make_queue(model), 0.0
+        entry = _Entry(model.name, fixed=model.config)
         with self._lock:
-            copies = [c for e in self._entries.values() for c in e.copies]
-        return [c.queue for c in copies if c.queue is not None]
+            self._entries[model.name] = entry
+            entry.copies.append(copy)
+        self._state(copy, READY)
+        entry.route = Route({model.version: copy}, None)
+        self._queues_changed()
+
+    def _queues_changed(self) -> None:
+        with self._lock:
+            self.queues = tuple(c.queue for e in self._entries.values() for c in e.copies
+                                if c.queue is not None)
 
     def metadata(self) -> list[dict[str, Any]]:
         """MODELS_OK entries (spec §4.1): the default version's signature, every version."""
@@ -378,6 +397,7 @@ class Registry:
                 model = load_model(copy.config, version)
                 copy.queue = self._make_queue(model)
                 copy.model = model
+                self._queues_changed()
             except Exception as exc:  # the model's own failure: reported, the old one serves
                 copy.reason = (str(exc) if isinstance(exc, (ValueError, ModelError))
                                else f"{type(exc).__name__}: {exc}")
@@ -419,6 +439,7 @@ class Registry:
         if entry is not None:
             with self._lock:
                 entry.copies = [c for c in entry.copies if c is not copy]
+            self._queues_changed()
             if self._metrics is not None and copy.version not in entry.route.by_version:
                 self._metrics.version_ready(copy.name, copy.version, False)
 
@@ -437,7 +458,7 @@ class Registry:
         self._stop.set()
         if self._poller is not None:
             self._poller.join(timeout=10)
-        for queue in self.live_queues():
+        for queue in self.queues:
             queue.stop()
 
     def _poll(self) -> None:

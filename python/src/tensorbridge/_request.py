@@ -15,6 +15,7 @@ from ._errors import TensorBridgeError
 
 if TYPE_CHECKING:
     from ._models import LoadedModel
+    from ._registry import ServedVersion
     from ._wire import InferRequest
 
 #: What a finished model call produced: the outputs by name, or the error to answer with.
@@ -56,6 +57,9 @@ class Request:
     result: Outcome | None = None
     #: Rows of the model call it was part of (0 when not computed).
     batch_rows: int = 0
+    #: The model version it runs on, a use of which it holds until answered (its queue runs
+    #: it; a reload frees the version only when every such use is given back).
+    served: ServedVersion | None = None
     _done: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .._errors import (
@@ -27,7 +28,7 @@ from .._wire import (
     encode_error,
     encode_frame,
 )
-from . import infer
+from . import admin, infer
 
 if TYPE_CHECKING:
     from .lifecycle import Server
@@ -133,8 +134,24 @@ class Connection:
     def answer(self, request: Request) -> None:
         """In the thread that ran ``request``: write its reply, then count it finished."""
         self.emit(request.seq, infer.reply_frame(self, request))
+        if request.served is not None:
+            request.served.release()
         self.server.metrics.in_flight(-1)
         self._finished()
+
+    def answer_later(self, seq: int, work: Callable[[], bytes]) -> None:
+        """Run ``work`` in a thread of its own and send the frame it returns as the reply to
+        frame ``seq`` (slow commands: loading a model must not hold a pool thread)."""
+        with self.lock:
+            self.pending += 1
+
+        def run() -> None:
+            try:
+                self.emit(seq, work())
+            finally:
+                self._finished()
+
+        threading.Thread(target=run, name=f"tb-admin-{self.peer_pid}", daemon=True).start()
 
     def _finished(self) -> None:
         """One of our INFERs is answered: close if the peer is gone, or resume a paused frame."""
@@ -245,6 +262,8 @@ class Connection:
             self.emit(seq, self.frame(FrameType.PONG, rid, self.server.status()))
         elif ftype == FrameType.MODELS:
             self.emit(seq, self.frame(FrameType.MODELS_OK, rid, self.server.metadata()))
+        elif ftype == FrameType.ADMIN:
+            admin.handle(self, rid, body, seq)
         else:
             raise ProtocolError(f"frame type {ftype.name} is not a request")
 

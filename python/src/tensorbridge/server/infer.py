@@ -12,7 +12,6 @@ from .._errors import (
     InternalError,
     InvalidInputError,
     ModelError,
-    ModelNotFoundError,
     OverloadedError,
     PayloadTooLargeError,
     ProtocolError,
@@ -59,13 +58,13 @@ def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: 
     error about its inputs. Frame-level problems (unknown model, draining) raise."""
     frame = decode_infer(body)
     server = conn.server
-    model = server.models.get(frame.model)
-    if model is None:
-        raise ModelNotFoundError(f"model {frame.model!r} is not loaded; loaded models: "
-                                 f"{sorted(server.models)}")
     if server.draining:
         raise OverloadedError("the server is shutting down and takes no new requests; "
                               "retry against the restarted server")
+    # From here on the request holds a use of its version until answered (reloads wait).
+    served = server.registry.resolve(frame.model, frame.version, frame.routing_key)
+    model = served.model
+    assert model is not None
     try:
         if frame.out_capacity:
             _check_range(conn, "output area", frame.out_offset, frame.out_capacity)
@@ -78,14 +77,18 @@ def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: 
         inputs = model.preprocess(inputs)
         preprocess_s = time.monotonic() - t0
     except TensorBridgeError as exc:
+        served.release()
         conn.emit_error(seq, rid, exc, model.name)
-        _count(conn, model.name, ErrorCode(exc.code).name.lower(), 0, 0, 0,
+        _count(conn, model, ErrorCode(exc.code).name.lower(), 0, 0, 0,
                time.monotonic() - arrived)
         return None
+    except BaseException:
+        served.release()
+        raise
     deadline = arrived + frame.timeout_us / 1e6 if frame.timeout_us else None
-    rows, key = batch_key(inputs) if server.queue(model.name).batching else (None, None)
+    rows, key = batch_key(inputs) if served.queue.batching else (None, None)
     return Request(frame, rid, seq, conn, model, inputs, arrived, deadline, rows=rows, key=key,
-                   preprocess_s=preprocess_s)
+                   preprocess_s=preprocess_s, served=served)
 
 
 def queue_full(model: LoadedModel) -> OverloadedError:
@@ -137,7 +140,8 @@ def _reply(conn: Connection, request: Request) -> bytes:
     reply.compute_us = int(compute_s * 1e6)
     reply.preprocess_us = int(pre_s * 1e6)
     reply.batch_size = request.batch_rows
-    _count(conn, model.name, "ok", queue_s, pre_s, compute_s, done - request.arrived)
+    reply.version = model.version
+    _count(conn, model, "ok", queue_s, pre_s, compute_s, done - request.arrived)
     total_ms = (done - request.arrived) * 1000
     slow = conn.server.config.slow_ms
     if slow and total_ms > slow:
@@ -151,14 +155,16 @@ def _reply(conn: Connection, request: Request) -> bytes:
 def _error_frame(conn: Connection, request: Request, error: TensorBridgeError) -> bytes:
     status = ErrorCode(error.code).name.lower()
     conn.server.metrics.error(status, request.model.name)
-    _count(conn, request.model.name, status, 0, 0, 0, time.monotonic() - request.arrived)
+    _count(conn, request.model, status, 0, 0, 0, time.monotonic() - request.arrived)
     return conn.frame(FrameType.ERROR, request.request_id, encode_error(error.code, str(error)))
 
 
-def _count(conn: Connection, model: str, status: str, queue_s: float, pre_s: float,
+def _count(conn: Connection, model: LoadedModel, status: str, queue_s: float, pre_s: float,
            compute_s: float, total_s: float) -> None:
-    conn.server.metrics.request_done(model, status, queue_s=queue_s, preprocess_s=pre_s,
-                                     compute_s=compute_s, total_s=total_s)
+    metrics = conn.server.metrics
+    metrics.request_done(model.name, status, queue_s=queue_s, preprocess_s=pre_s,
+                         compute_s=compute_s, total_s=total_s)
+    metrics.version_request(model.name, model.version, status)
 
 
 def _check_range(conn: Connection, what: str, offset: int, nbytes: int) -> None:

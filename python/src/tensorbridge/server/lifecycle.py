@@ -34,7 +34,8 @@ from .. import __version__
 from .._config import ServerConfig
 from .._errors import OverloadedError
 from .._metrics import Metrics
-from .._models import LoadedModel, load_model
+from .._models import LoadedModel
+from .._registry import Registry
 from .._request import Request
 from .._scheduler import ModelQueue, deadline_error
 from .accept import ONESHOT_IN, accept_pending, bind_listener
@@ -48,14 +49,17 @@ class Server:
 
     def __init__(self, config: ServerConfig, models: Iterable[LoadedModel] | None = None) -> None:
         self.config = config
-        self.models: dict[str, LoadedModel] = {m.name: m for m in models or ()}
+        self.metrics = Metrics(config.shm_cap)
+        #: The served models and their versions (``resolve`` picks one per request).
+        self.registry = Registry(config.models, config.repository, self._make_queue,
+                                 self.metrics, config.poll_interval)
+        self._ready_made = list(models or ())
         self.connections: set[Connection] = set()
         #: Connections accepted since start (shown by PING, used to check reuse).
         self.accepted = 0
         #: The listening socket while accepting (None before start and once draining).
         self.listener: socket.socket | None = None
         self._lock = threading.Lock()  # guards connections, accepted, _computing, _handlers
-        self._queues: dict[str, ModelQueue] = {}
         self._epoll: select.epoll | None = None
         self._handlers: dict[int, Callable[[], None]] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -69,16 +73,27 @@ class Server:
         self._shm_total = 0
         #: Set by ``drain()``: new INFERs are refused while in-flight ones finish.
         self.draining = False
-        self.metrics = Metrics(config.shm_cap)
-        self._loaded_here: set[str] = set()
 
     @property
     def stopped(self) -> bool:
         """Whether ``stop()`` has begun."""
         return self._stopped.is_set()
 
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The served models by name, each as the version requests get by default."""
+        out = {}
+        for name in self.registry.names():
+            served = self.registry.default(name)
+            if served is not None and served.model is not None:
+                out[name] = served.model
+        return out
+
+    def _make_queue(self, model: LoadedModel) -> ModelQueue:
+        return ModelQueue(model, self.metrics.batch, self.metrics.instances_alive)
+
     def load_models(self) -> None:
-        """Load every model of the config, in order, logging progress."""
+        """Load every model of the config and the repository, logging progress."""
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
         else:
@@ -89,24 +104,17 @@ class Server:
                 threads = max(1, (os.cpu_count() or 1) // most)
                 torch.set_num_threads(threads)
                 log.info("%d instances of a model: %d torch thread(s) each", most, threads)
-        for i, model_config in enumerate(self.config.models, 1):
-            log.info("model %d/%d", i, len(self.config.models))
-            t0 = time.monotonic()
-            model = load_model(model_config)
-            self.models[model.name] = model
-            self._loaded_here.add(model.name)
-            self.metrics.model_loaded(model.name, time.monotonic() - t0,
-                                      model_config.instance_count)
+        self.registry.load_all()
 
     def start(self) -> None:
         """Bind the socket and start serving in background threads."""
         listener = bind_listener(self.config)
         self.listener = listener
-        for name, m in self.models.items():
-            if name not in self._loaded_here:  # given ready-made, not by load_models()
-                self.metrics.model_loaded(name, 0.0, m.config.instance_count)
-        self._queues = {name: ModelQueue(m, self.metrics.batch, self.metrics.instances_alive)
-                        for name, m in self.models.items()}
+        for m in self._ready_made:  # given ready-made, not by load_models()
+            self.metrics.model_loaded(m.name, 0.0, m.config.instance_count)
+            self.registry.adopt(m)
+        self._ready_made = []
+        self.registry.start_polling()
         self._epoll = select.epoll()
         self._handlers[listener.fileno()] = lambda: accept_pending(self)
         self._epoll.register(listener.fileno(), select.EPOLLIN)
@@ -169,8 +177,7 @@ class Server:
         self._wake()  # never drained once stopped: every pool thread sees it and leaves
         for t in self._pool:
             t.join(timeout=10)
-        for queue in self._queues.values():
-            queue.stop()
+        self.registry.stop()
         for conn in list(self.connections):
             conn.close()
         self._close_listener()
@@ -187,16 +194,17 @@ class Server:
                            "connections_open": len(self.connections),
                            "requests_in_flight": sum(c.pending for c in list(self.connections)),
                            "ready": self.ready(),
-                           "models": sorted(self.models)}).encode()
+                           "models": self.registry.names()}).encode()
 
     def ready(self) -> bool:
         """Serving, not draining, and every model has a healthy instance."""
         return (not self.draining and not self._stopped.is_set()
-                and all(q.healthy_instances() > 0 for q in self._queues.values()))
+                and all(v.queue.healthy_instances() > 0 for v in self.registry.ready_versions()
+                        if v.queue is not None))
 
     def metadata(self) -> bytes:
         """MODELS_OK body (spec §4.1)."""
-        return json.dumps({"models": [m.metadata() for m in self.models.values()]}).encode()
+        return json.dumps({"models": self.registry.metadata()}).encode()
 
     # -- the pool threads ----------------------------------------------------------------
 
@@ -222,14 +230,17 @@ class Server:
                 log.exception("internal error in a pool thread")
 
     def queue(self, name: str) -> ModelQueue:
-        """The work queue of a loaded model."""
-        return self._queues[name]
+        """The work queue of a model's default version."""
+        served = self.registry.default(name)
+        if served is None or served.queue is None:
+            raise KeyError(name)
+        return served.queue
 
     def dispatch(self, request: Request) -> bool:
         """Run ``request`` now, in this thread, if its model is idle; else queue it.
 
         False when the model's queue is full (the caller answers OVERLOADED)."""
-        queue = self._queues[request.model.name]
+        queue = request.served.queue
         with self._lock:
             # Keep one thread waiting on epoll: never let the last one go compute.
             spare = self._computing < len(self._pool) - 1
@@ -263,12 +274,12 @@ class Server:
         self.metrics.shm_mapped(-nbytes)
 
     def _select_timeout(self) -> float | None:
-        deadlines = [d for q in self._queues.values() if (d := q.next_deadline()) is not None]
+        deadlines = [d for q in self.registry.queues if (d := q.next_deadline()) is not None]
         return None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
 
     def _expire_queued(self) -> None:
         now = time.monotonic()
-        for queue in self._queues.values():
+        for queue in self.registry.queues:
             for request in queue.expire(now):
                 request.finish(deadline_error(request), 0)
 
