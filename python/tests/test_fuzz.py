@@ -243,7 +243,9 @@ def _bad_header(rng: random.Random) -> tuple[bytes, str]:
     elif choice == 1:
         ver = rng.choice([0, 2, 255])
     elif choice == 2:
-        ftype = rng.choice([0, 5, 0x7F, 0x90, 0xFE])
+        # types no spec version assigns: 0, the next free request type, and reply-range gaps
+        unused = max(t for t in FrameType if t < 0x80) + 1
+        ftype = rng.choice([0, unused, 0x7F, 0x90, 0xFE])
     elif choice == 3:
         flags = rng.choice([2, 0x8000, 0xFFFF])
     else:
