@@ -1,6 +1,5 @@
 """deploy/: the systemd unit, the Supervisor program (run for real: it restarts a killed
-server), the Prometheus rules (promtool), the Grafana dashboard, the sample TOML; and the CLI's
-flags / TENSORBRIDGE_* twins / TOML keys for the operations settings."""
+server), the Prometheus rules (promtool), the Grafana dashboard. Settings: test_config.py."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import tensorbridge as tb
-from tensorbridge._cli import build_parser, server_config
 from tensorbridge._metrics import METRIC_NAMES, Metrics
 
 from conftest import ROOT
@@ -183,92 +181,3 @@ def test_metric_names_in_alerts_and_dashboard_exist() -> None:
         "tensorbridge_shm_cap_bytes"}, METRIC_NAMES - used
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-
-
-def test_sample_toml_loads() -> None:
-    config = tb.ServerConfig.from_toml(SAMPLE_TOML)
-    assert config.socket == "/run/tensorbridge/tensorbridge.sock"
-    assert config.socket_mode == 0o660 and config.socket_group == "www-data"
-    assert config.shm_cap == 2048 << 20 and config.metrics_port == 9464
-    assert config.log_format == "json" and config.allow_gid == [33]
-    (model,) = config.models
-    assert model.name == "digits" and model.watchdog_timeout == 5.0
-
-
-def _config(argv: list[str], env: dict[str, str] | None = None) -> tb.ServerConfig:
-    return server_config(build_parser().parse_args(["serve", *argv]), env or {})
-
-
-def test_every_operations_setting_has_flag_env_and_toml_key(tmp_path: Path) -> None:
-    toml = tmp_path / "tb.toml"
-    toml.write_text("[server]\nshm_cap_mb = 100\nsocket_owner = 'root'\nsocket_group = '0'\n"
-                    "socket_mode = 0o600\nallow_gid = [5, 6]\ndrain_timeout = 3\n"
-                    "metrics_port = 9100\nmetrics_host = '0.0.0.0'\nlog_format = 'json'\n"
-                    "io_threads = 6\n")
-    from_file = _config(["--config", str(toml)])
-    assert (from_file.shm_cap, from_file.socket_owner, from_file.socket_group,
-            from_file.socket_mode, from_file.allow_gid, from_file.drain_timeout,
-            from_file.metrics_port, from_file.metrics_host, from_file.log_format,
-            from_file.io_threads) == (100 << 20, "root", "0", 0o600, [5, 6], 3.0, 9100,
-                                      "0.0.0.0", "json", 6)
-    env = {"TENSORBRIDGE_SHM_CAP_MB": "200", "TENSORBRIDGE_SOCKET_MODE": "640",
-           "TENSORBRIDGE_ALLOW_GID": "7,8", "TENSORBRIDGE_METRICS_PORT": "9200",
-           "TENSORBRIDGE_LOG_FORMAT": "text", "TENSORBRIDGE_IO_THREADS": "3",
-           "TENSORBRIDGE_DRAIN_TIMEOUT": "4.5", "TENSORBRIDGE_SOCKET_GROUP": "www-data"}
-    from_env = _config(["--config", str(toml)], env)  # the environment beats the file
-    assert (from_env.shm_cap, from_env.socket_mode, from_env.allow_gid, from_env.metrics_port,
-            from_env.log_format, from_env.io_threads, from_env.drain_timeout,
-            from_env.socket_group) == (200 << 20, 0o640, [7, 8], 9200, "text", 3, 4.5,
-                                       "www-data")
-    flags = _config(["--config", str(toml), "--shm-cap-mb", "300", "--socket-mode", "660",
-                     "--allow-gid", "9", "--allow-gid", "10", "--metrics-port", "9300",
-                     "--metrics-host", "127.0.0.2", "--log-format", "json", "--io-threads",
-                     "2", "--drain-timeout", "1", "--socket-owner", "nobody",
-                     "--socket-group", "nogroup"], env)  # flags beat both
-    assert (flags.shm_cap, flags.socket_mode, flags.allow_gid, flags.metrics_port,
-            flags.metrics_host, flags.log_format, flags.io_threads, flags.drain_timeout,
-            flags.socket_owner, flags.socket_group) == (
-        300 << 20, 0o660, [9, 10], 9300, "127.0.0.2", "json", 2, 1.0, "nobody", "nogroup")
-    # The region cap from the file is no longer overwritten by the flag's default.
-    toml.write_text("[server]\nregion_cap_mb = 8\n")
-    assert _config(["--config", str(toml)]).region_cap == 8 << 20
-
-
-@pytest.mark.parametrize(("toml", "message"), [
-    ("socket_mode = 'rw-rw----'", "octal digits"),
-    ("socket_mode = '1777'", "not a permission mode"),
-    ("metrics_port = 70000", "TCP port"),
-    ("log_format = 'xml'", "log_format"),
-    ("shm_cap_mb = -1", "shm_cap_mb must be > 0"),
-    ("allow_gid = 'abc'", "allow_gid must be a number"),
-    ("drain_timeout = -2", "drain_timeout must be >= 0"),
-    ("shm_cap = 5", "unknown [server] keys ['shm_cap']"),
-])
-def test_bad_settings_are_named(tmp_path: Path, toml: str, message: str) -> None:
-    path = tmp_path / "tb.toml"
-    path.write_text(f"[server]\n{toml}\n")
-    with pytest.raises(ValueError, match=re.escape(message)):
-        tb.ServerConfig.from_toml(path)
-
-
-def test_bad_environment_value_names_the_variable() -> None:
-    with pytest.raises(ValueError, match="environment: metrics_port"):
-        _config([], {"TENSORBRIDGE_METRICS_PORT": "http"})
-
-
-def test_cli_reports_a_bad_setting_and_exits_1(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tensorbridge", "serve", "--socket",
-                           str(tmp_path / "s"), "--model", "e=tensorbridge.models.testing:echo"],
-                          env={**os.environ, "TENSORBRIDGE_SOCKET_MODE": "999"},
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    assert "socket_mode" in proc.stderr and "TENSORBRIDGE_" in proc.stderr
-
-
-@pytest.mark.parametrize("written", ["440", "0o440", '"440"', '"0440"'])
-def test_socket_mode_is_read_the_chmod_way_however_it_is_written(tmp_path: Path,
-                                                                  written: str) -> None:
-    # A bare 440 is decimal to TOML (0o670, which would let the group write); it means 0o440.
-    path = tmp_path / "mode.toml"
-    path.write_text(f"[server]\nsocket_mode = {written}  # r--r-----\n")
-    assert tb.ServerConfig.from_toml(path).socket_mode == 0o440

@@ -148,7 +148,7 @@ def test_cli_version_models_and_health(tmp_path: Path, make_server) -> None:
     assert "torch" in version and tb.__version__ in version
     down = subprocess.run([sys.executable, "-m", "tensorbridge", "health", "--socket",
                            str(tmp_path / "none.sock")], capture_output=True, text=True)
-    assert down.returncode == 1 and "running?" in down.stderr
+    assert down.returncode == 3 and "running?" in down.stderr  # ExitCode.UNREACHABLE
     server = make_server(["digits=tensorbridge.models.digits:create"])
     models = subprocess.run([sys.executable, "-m", "tensorbridge", "models", "--socket",
                              server.socket], capture_output=True, text=True, check=True).stdout

@@ -24,11 +24,13 @@ from ._errors import (  # noqa: E402
     UnauthorizedError,
 )
 from ._models import LoadedModel, ModelConfig, load_model  # noqa: E402
+from ._settings import ConfigError  # noqa: E402
 from ._signature import Signature, TensorSpec  # noqa: E402
 from .server import Server  # noqa: E402
 
 __all__ = [
     "Client",
+    "ConfigError",
     "ConnectionError",
     "DeadlineExceededError",
     "InternalError",

@@ -1,4 +1,5 @@
-"""The ``tensorbridge`` command: ``serve``, ``models``, ``health``, ``--version``."""
+"""The ``tensorbridge`` command: ``serve``, ``check-config``, ``health``, ``models``,
+``settings``, ``--version``. Every setting flag comes from the schema (``_settings``)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,34 @@ import platform
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
 from . import __version__
 from ._client import Client
-from ._config import ServerConfig, default_socket_path
-from ._errors import TensorBridgeError
+from ._config import (
+    MODEL_SETTINGS,
+    SERVER_SETTINGS,
+    ConfigError,
+    ServerConfig,
+    check_models,
+    default_socket_path,
+)
+from ._errors import ConnectionError, TensorBridgeError, TimeoutError
+from ._exitcode import ExitCode
 from ._logging import configure_logging
 from ._models import ModelConfig
-
-# Named exit codes (uvicorn style).
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-#: ``health``/``models`` when the server does not answer, or (health) is not ready: the
-#: exit status probes (systemd, Kubernetes exec probes, Supervisor scripts) read as "down".
-EXIT_UNAVAILABLE = 1
+from ._pipeline import PipelineConfigError
+from ._settings import Setting, apply, markdown_table
 
 # SIGTERM is what systemd/supervisor send; SIGINT is Ctrl-C. Both drain: stop accepting, answer
 # the requests in flight (up to drain_timeout), then close connections, release regions and
 # remove the socket file.
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Per-model settings given as flags apply to the models given with --model.
+_MODEL_FLAGS = tuple(s for s in MODEL_SETTINGS if s.cli)
+_SERVER_FLAGS = tuple(s for s in SERVER_SETTINGS if s.cli)
 
 
 def _version_text() -> str:
@@ -39,92 +46,62 @@ def _version_text() -> str:
             f"torch {torch.__version__}, {platform.system()} {platform.release()})")
 
 
-# Settings of `serve` that map one to one onto ServerConfig ([server] keys of the TOML file):
-# (flag, TOML key, type, help). Each flag's environment twin is TENSORBRIDGE_<KEY upper-case>.
-# A flag given on the command line wins over its environment twin, which wins over the file.
-_SETTINGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--threads", "threads", int, "torch intra-op threads, 0 = torch default (default 0)"),
-    ("--io-threads", "io_threads", int,
-     "threads serving sockets; requests for idle models run on them (default 4, at least 2)"),
-    ("--region-cap-mb", "region_cap_mb", float,
-     "largest shared-memory region per connection in MiB (default 1024)"),
-    ("--shm-cap-mb", "shm_cap_mb", float,
-     "total shared memory of all regions in MiB; beyond it requests get OVERLOADED or "
-     "PAYLOAD_TOO_LARGE (default 4096)"),
-    ("--socket-owner", "socket_owner", str, "owner of the socket file, name or uid"),
-    ("--socket-group", "socket_group", str,
-     "group of the socket file, name or gid (e.g. www-data)"),
-    ("--socket-mode", "socket_mode", str, "mode of the socket file, octal (default 660)"),
-    ("--allow-uid", "allow_uid", int,
-     "only this uid may connect (SO_PEERCRED); repeatable; env: comma-separated"),
-    ("--allow-gid", "allow_gid", int,
-     "only peers of this primary gid may connect (SO_PEERCRED), besides --allow-uid; "
-     "repeatable; env: comma-separated"),
-    ("--drain-timeout", "drain_timeout", float,
-     "on SIGTERM, seconds in-flight requests may take to finish (default 10)"),
-    ("--slow-ms", "slow_ms", float,
-     "log requests slower than this many ms at WARNING, 0 = off (default 50)"),
-    ("--metrics-port", "metrics_port", int,
-     "serve Prometheus /metrics on this TCP port, 0 = off (default 0)"),
-    ("--metrics-host", "metrics_host", str,
-     "address for /metrics (default 127.0.0.1; 0.0.0.0 exposes it to the network)"),
-    ("--log-format", "log_format", str, "text, or json: one JSON object per line (default text)"),
-    ("--repository", "repository", str,
-     "model repository: serve DIR/<model>/<version>/model.{pt,onnx,py}"),
-    ("--poll-interval", "poll_interval", float,
-     "seconds between looks at the repository for new or removed versions, 0 = off "
-     "(default 0)"),
-    ("--admin-uid", "admin_uid", int,
-     "uid allowed to load/unload/reload models; repeatable; env: comma-separated "
-     "(default: the server's uid and root)"),
-)
-_REPEATABLE = ("allow_uid", "allow_gid", "admin_uid")
-
-
-def _env_name(key: str) -> str:
-    return "TENSORBRIDGE_" + key.upper()
+def _add_setting_flag(parser: argparse.ArgumentParser, spec: Setting, note: str = "") -> None:
+    default = default_socket_path() if spec.key == "socket" else spec.shown_default()
+    text = (f"{spec.help}{note} (default {default.replace('`', '')}; env {spec.env})"
+            ).replace("%", "%%")
+    if spec.kind == "bool":
+        parser.add_argument(spec.flag, dest=spec.key, default=None,
+                            action=argparse.BooleanOptionalAction, help=text)
+    else:
+        parser.add_argument(spec.flag, dest=spec.key, default=None, metavar=spec.key.upper(),
+                            action="append" if spec.repeatable else "store", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; every flag has a ``TENSORBRIDGE_*`` environment twin."""
+    """The argument parser; every setting flag has a ``TENSORBRIDGE_*`` environment twin."""
     parser = argparse.ArgumentParser(prog="tensorbridge",
-                                     description="Serve PyTorch models to PHP over shared memory.")
+                                     description="Serve PyTorch models to PHP over shared memory.",
+                                     epilog="exit codes: " + ", ".join(
+                                         f"{c.value} {c.name.lower()}" for c in ExitCode))
     parser.add_argument("--version", action="version", version=_version_text())
     sub = parser.add_subparsers(dest="command", required=True)
-    sock_help = "Unix socket path (env TENSORBRIDGE_SOCKET; default %(default)s)"
 
     serve = sub.add_parser("serve", help="load models and serve them")
-    serve.add_argument("--socket", default=None, help=sock_help.replace(
-        "%(default)s", default_socket_path()))
     serve.add_argument("--config", default=os.environ.get("TENSORBRIDGE_CONFIG"),
                        help="tensorbridge.toml (env TENSORBRIDGE_CONFIG)")
     serve.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE[@WEIGHTS]",
                        help="a TorchScript file, or package.module:factory with optional "
                             "@weights (.pth or .safetensors); repeatable")
-    serve.add_argument("--device", default=os.environ.get("TENSORBRIDGE_DEVICE", "cpu"),
-                       help="device for models given with --model: cpu, cuda, cuda:1 "
-                            "(env TENSORBRIDGE_DEVICE; default %(default)s)")
-    serve.add_argument("--warmup", type=int, default=None,
-                       help="warm-up runs per model given with --model (default 2)")
-    for flag, key, kind, text in _SETTINGS:
-        extra: dict = {"choices": ["text", "json"]} if key == "log_format" else {}
-        serve.add_argument(flag, dest=key, type=kind, default=None,
-                           action="append" if key in _REPEATABLE else "store",
-                           help=f"{text} (env {_env_name(key)})", **extra)
-    serve.add_argument("--log-level", default=os.environ.get("TENSORBRIDGE_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"],
-                       help="(env TENSORBRIDGE_LOG_LEVEL; default %(default)s)")
+    for spec in _SERVER_FLAGS:
+        _add_setting_flag(serve, spec)
+    for spec in _MODEL_FLAGS:
+        _add_setting_flag(serve, spec, "; for models given with --model")
 
+    check = sub.add_parser("check-config", help="check a tensorbridge.toml (and the "
+                           "TENSORBRIDGE_* environment) without starting: exit 0 or 2")
+    check.add_argument("file", help="the TOML file")
+
+    settings = sub.add_parser("settings", help="list every setting (the docs table)")
+    settings.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    settings.add_argument("--update", metavar="FILE", help="rewrite the table between the "
+                          "<!-- settings:begin/end --> marks of FILE (docs/operations.md)")
+
+    sock_help = f"Unix socket path (env TENSORBRIDGE_SOCKET; default {default_socket_path()})"
     for name, text in (("models", "the models of a running server: their signatures, or "
                                   "list / load / unload / reload NAME (versions and states)"),
-                       ("health", "exit 0 when a server answers and every model is ready, else 1")):
+                       ("health", "send a real request: exit 0 ready, 1 not ready, "
+                                  "3 unreachable")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--socket", default=None, help=sock_help.replace(
-            "%(default)s", default_socket_path()))
+        p.add_argument("--socket", default=None, help=sock_help)
         p.add_argument("--format", choices=["text", "json"], default="text")
         p.add_argument("--timeout", type=float, default=None,
                        help="seconds to wait for the answer (default 2; load and reload: 600)")
-        if name == "models":
+        if name == "health":
+            p.add_argument("--model", action="append", default=None, metavar="NAME",
+                           help="models to send a test INFER (default: every model whose "
+                                "inputs can be made up); repeatable")
+        else:
             p.add_argument("action", nargs="?", choices=ADMIN_ACTIONS,
                            help="without one: the signatures of the served models")
             p.add_argument("name", nargs="?", help="the model (required but for list)")
@@ -133,37 +110,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def server_config(args: argparse.Namespace, environ: dict[str, str] | None = None
                   ) -> ServerConfig:
-    """The ``serve`` settings: defaults < the TOML file < ``TENSORBRIDGE_*`` < flags."""
+    """The ``serve`` settings, checked: defaults < the TOML file < ``TENSORBRIDGE_*`` < flags."""
     environ = dict(os.environ if environ is None else environ)
     config = ServerConfig.from_toml(args.config) if args.config else ServerConfig()
-    from_env = {key: environ[_env_name(key)] for _, key, _, _ in _SETTINGS
-                if environ.get(_env_name(key), "") != ""}
-    if "TENSORBRIDGE_SOCKET" in environ and not args.socket:
-        from_env["socket"] = environ["TENSORBRIDGE_SOCKET"]
-    try:
-        config.apply(from_env)
-    except ValueError as exc:
-        raise ValueError(f"environment: {exc} (TENSORBRIDGE_* variables)") from None
-    config.apply({key: getattr(args, key) for _, key, _, _ in _SETTINGS})
-    if args.socket:
-        config.socket = args.socket
-    for text in args.model:
+    for spec in _SERVER_FLAGS:
+        value = environ.get(spec.env, "")
+        if value != "":
+            config.apply({spec.key: value}, f"environment: {spec.env}:", textual=True)
+    for spec in _SERVER_FLAGS:
+        value = getattr(args, spec.key, None)
+        if value is not None:
+            config.apply({spec.key: value}, f"command line: {spec.flag}:",
+                         textual=spec.kind != "bool")
+    for text in getattr(args, "model", None) or ():
         model = ModelConfig.from_cli(text)
-        if args.warmup is not None:
-            model.warmup = args.warmup
-        model.device = args.device
+        for spec in _MODEL_FLAGS:
+            if environ.get(spec.env, "") != "":
+                apply(model, (spec,), {spec.key: environ[spec.env]},
+                      f"environment: {spec.env}:", textual=True)
+            value = getattr(args, spec.key, None)
+            if value is not None:
+                apply(model, (spec,), {spec.key: value}, f"command line: {spec.flag}:",
+                      textual=spec.kind != "bool")
         config.models.append(model)
     return config
 
 
 def _serve(args: argparse.Namespace) -> int:
     config = server_config(args)
-    configure_logging(args.log_level, config.log_format)
+    check_models(config)
+    configure_logging(config.log_level, config.log_format)
     log = logging.getLogger("tensorbridge")
-    if not config.models and not config.repository:
-        print("tensorbridge serve: no models; give --model NAME=SOURCE, --repository DIR or "
-              "--config FILE", file=sys.stderr)
-        return EXIT_USAGE
     from .server import Server
 
     server = Server(config)
@@ -176,7 +153,10 @@ def _serve(args: argparse.Namespace) -> int:
                 f"cannot serve /metrics on {config.metrics_host}:{config.metrics_port}: "
                 f"{exc.strerror or exc}; choose another --metrics-port") from None
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, config.metrics_port)
-    server.load_models()
+    try:
+        server.load_models()
+    except PipelineConfigError as exc:
+        raise ConfigError(str(exc)) from None
     for sig in HANDLED_SIGNALS:
         # Drain in a thread: the handler runs in the main thread, which serve_forever blocks.
         signal.signal(sig, lambda *_: threading.Thread(
@@ -189,7 +169,52 @@ def _serve(args: argparse.Namespace) -> int:
         print(ready, file=sys.stderr, flush=True)
     server.serve_forever()
     log.info("stopped")
-    return EXIT_OK
+    return ExitCode.OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    args.config, args.model = args.file, []
+    config = server_config(args)
+    check_models(config)
+    repository = f", repository {config.repository}" if config.repository else ""
+    print(f"ok: {args.file}: {len(config.models)} model(s) "
+          f"({', '.join(m.name for m in config.models)}){repository}, socket {config.socket}")
+    return ExitCode.OK
+
+
+def _settings(args: argparse.Namespace) -> int:
+    groups = (("server", SERVER_SETTINGS), ("model", MODEL_SETTINGS))
+    if args.update:
+        update_doc_table(Path(args.update))
+        print(f"updated the settings table in {args.update}")
+    elif args.format == "markdown":
+        print(markdown_table(*groups), end="")
+    elif args.format == "json":
+        print(json.dumps([{"scope": scope, "key": s.key, "flag": s.flag if s.cli else None,
+                           "env": s.env if s.cli else None, "kind": s.kind,
+                           "default": s.shown_default(), "allowed": s.allowed(), "help": s.help}
+                          for scope, specs in groups for s in specs], indent=2))
+    else:
+        for scope, specs in groups:
+            for s in specs:
+                print(f"[{scope}] {s.key} = {s.shown_default()}  ({s.allowed()})\n    {s.help}")
+    return ExitCode.OK
+
+
+DOC_BEGIN, DOC_END = "<!-- settings:begin -->\n", "<!-- settings:end -->"
+
+
+def update_doc_table(path: Path) -> str:
+    """Rewrite the generated settings table of ``path``; return the new text."""
+    text = path.read_text()
+    head, begin, rest = text.partition(DOC_BEGIN)
+    _, end, tail = rest.partition(DOC_END)
+    if not begin or not end:
+        raise ConfigError(f"{path}: no {DOC_BEGIN.strip()} ... {DOC_END} marks")
+    new = head + begin + markdown_table(("server", SERVER_SETTINGS),
+                                        ("model", MODEL_SETTINGS)) + end + tail
+    path.write_text(new)
+    return new
 
 
 #: ``tensorbridge models ACTION``: the ADMIN commands of the protocol (spec §11).
@@ -201,18 +226,21 @@ _LOAD_TIMEOUT = 600.0
 def _admin(args: argparse.Namespace) -> int:
     if args.action != "list" and not args.name:
         print(f"tensorbridge models {args.action}: give the model name", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.CONFIG
     timeout = args.timeout if args.timeout is not None else (
         _LOAD_TIMEOUT if args.action in ("load", "reload") else 2.0)
     try:
         with Client(args.socket, timeout=2.0) as client:
             result = client.admin(args.action, args.name, timeout=timeout)
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"tensorbridge models {args.action}: no answer: {exc}", file=sys.stderr)
+        return ExitCode.UNREACHABLE
     except TensorBridgeError as exc:
         print(f"tensorbridge models {args.action}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.FAILURE
     if args.format == "json":
         print(json.dumps(result, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     for m in result:
         routing = f", routing {m['routing']}" if m["routing"] else ""
         print(f"{m['name']} (policy {m['policy']}{routing})")
@@ -220,38 +248,30 @@ def _admin(args: argparse.Namespace) -> int:
             extra = f" {v['backend']} {v['load_seconds']} s" if v.get("load_seconds") else ""
             reason = f": {v['reason']}" if v.get("reason") else ""
             print(f"  {v['version']}: {v['state']}{extra}{reason}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _query(args: argparse.Namespace) -> int:
+    from ._health import check_health, describe_models
+
     if getattr(args, "action", None):
         return _admin(args)
     try:
         with Client(args.socket, timeout=args.timeout or 2.0) as client:
-            result = client.ping() if args.command == "health" else client.models()
+            if args.command == "health":
+                return check_health(client, args.model, args.format)
+            result = client.models()
+    except (ConnectionError, TimeoutError) as exc:
+        print(f"tensorbridge {args.command}: no answer: {exc}", file=sys.stderr)
+        return ExitCode.UNREACHABLE
     except TensorBridgeError as exc:
         print(f"tensorbridge {args.command}: {exc}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    if args.command == "health" and not result.get("ready", True):
-        print(f"tensorbridge health: the server answers but is not ready: {result}",
-              file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return ExitCode.FAILURE
     if args.format == "json":
         print(json.dumps(result, indent=2))
-    elif args.command == "health":
-        print(f"ok: {result['server']} {result['version']} (protocol {result['protocol']})")
     else:
-        for m in result:
-            print(f"{m['name']}\n  inputs:  {_describe(m['inputs'])}\n"
-                  f"  outputs: {_describe(m['outputs'])}")
-    return EXIT_OK
-
-
-def _describe(specs: list[dict] | None) -> str:
-    if specs is None:
-        return "any"
-    return ", ".join(f"{t['name']}:{t['datatype']}{t['shape'] if t['shape'] is not None else ''}"
-                     for t in specs)
+        print(describe_models(result))
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,10 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "check-config":
+            return _check_config(args)
+        if args.command == "settings":
+            return _settings(args)
         return _query(args)
-    except (ValueError, RuntimeError) as exc:
+    except ValueError as exc:  # ConfigError, and what loading a model finds wrong
         print(f"tensorbridge {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return ExitCode.CONFIG
+    except (RuntimeError, OSError) as exc:
+        print(f"tensorbridge {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
-"""Server settings: defaults, environment twins (``TENSORBRIDGE_*``) and the TOML file."""
+"""Server settings (``ServerConfig``) and how they are read: the TOML file, the
+``TENSORBRIDGE_*`` environment and the flags, all checked against the schema (``_settings``),
+plus the checks of the models a config names (files, factories, devices) before anything binds.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._models import ModelConfig
+from ._settings import MIB, MODE, ConfigError, apply, schema, setting, unknown_key
+from ._settings import parse_mode as parse_mode
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+__all__ = ["ConfigError", "ServerConfig", "check_models", "default_socket_path", "parse_mode"]
 
 
 def default_socket_path() -> str:
@@ -32,182 +41,235 @@ def default_socket_path() -> str:
 
 @dataclass
 class ServerConfig:
-    """Everything ``tensorbridge serve`` needs; each field has a CLI flag and a TOML key."""
+    """Everything ``tensorbridge serve`` needs. Each ``setting()`` field is a ``[server]`` key
+    of the TOML file with a CLI flag and a ``TENSORBRIDGE_*`` twin (docs/operations.md)."""
 
-    #: Path of the Unix socket (TENSORBRIDGE_SOCKET).
-    socket: str = field(default_factory=default_socket_path)
-    #: Models to load.
+    socket: str = setting(default_factory=default_socket_path, help="Unix socket path",
+                          doc_default="`/run/tensorbridge/tensorbridge.sock`¹")
+    #: Models to load (``[models.NAME]`` tables and ``--model``).
     models: list[ModelConfig] = field(default_factory=list)
-    #: torch intra-op threads (TENSORBRIDGE_THREADS); 0 keeps torch's default.
-    threads: int = 0
-    #: Initial region size per connection, bytes.
-    region_initial: int = 1 << 20
-    #: Largest region a connection may grow to, bytes (TENSORBRIDGE_REGION_CAP_MB).
-    region_cap: int = 1 << 30
-    #: Only these uids may connect (SO_PEERCRED); empty = anyone who can open the socket.
-    allow_uid: list[int] = field(default_factory=list)
-    #: Mode of the socket file.
-    socket_mode: int = 0o660
-    #: Requests slower than this are logged at WARNING, in milliseconds (0 = off).
-    slow_ms: float = 50.0
-    #: Threads that wait on the sockets and compute requests for idle models at once; one of
-    #: them always stays free for I/O, so up to io_threads - 1 such requests (to different
-    #: models) run at the same time, besides the models' own queue workers.
-    io_threads: int = 4
-    #: Total bytes of shared memory all connections' regions may map together; a request that
-    #: would grow past it gets OVERLOADED / PAYLOAD_TOO_LARGE instead (TENSORBRIDGE_SHM_CAP_MB).
-    shm_cap: int = 4 << 30
-    #: Owner and group (names or numeric ids) given to the socket file; None = the server's.
-    socket_owner: str | None = None
-    socket_group: str | None = None
-    #: Only peers with one of these gids (primary group, SO_PEERCRED) may connect, besides
-    #: ``allow_uid``; both empty = anyone who can open the socket.
-    allow_gid: list[int] = field(default_factory=list)
-    #: On SIGTERM: stop accepting, let in-flight requests finish for up to this many seconds.
-    drain_timeout: float = 10.0
-    #: Serve Prometheus ``/metrics`` on this TCP port (0 = off) and host.
-    metrics_port: int = 0
-    metrics_host: str = "127.0.0.1"
-    #: ``text`` or ``json`` (one JSON object per line) log lines on stderr.
-    log_format: str = "text"
-    #: Model repository: serve every ``DIR/<model>/<version>/`` (docs/operations.md).
-    repository: str | None = None
-    #: Seconds between looks at the repository for new or removed versions (0 = off).
-    poll_interval: float = 0.0
-    #: uids allowed to send ADMIN commands (load, unload, reload); empty = the server's own
-    #: uid and root.
-    admin_uid: list[int] = field(default_factory=list)
+    threads: int = setting(0, minimum=0, maximum=1024,
+                           help="torch intra-op threads; 0 = torch's default")
+    io_threads: int = setting(
+        4, minimum=2, maximum=256,
+        help="threads serving sockets; one stays free for I/O, the others also compute "
+             "requests for idle models")
+    region_initial: int = setting(1 << 20, kind=MIB, key="region_initial_mb", minimum=0.0625,
+                                  maximum=1 << 20, help="first size of a connection's region")
+    region_cap: int = setting(1 << 30, kind=MIB, key="region_cap_mb", minimum=1,
+                              maximum=1 << 20, help="largest region of one connection")
+    shm_cap: int = setting(
+        4 << 30, kind=MIB, key="shm_cap_mb", minimum=1, maximum=1 << 24,
+        help="shared memory of all regions together; beyond it `OVERLOADED` / "
+             "`PAYLOAD_TOO_LARGE`")
+    allow_uid: list[int] = setting(
+        [], minimum=0, doc_default="anyone",
+        help="peers allowed by uid (`SO_PEERCRED`); flag repeatable, environment `33,34`")
+    allow_gid: list[int] = setting([], minimum=0, doc_default="anyone",
+                                   help="peers allowed by primary gid, besides `allow_uid`")
+    socket_mode: int = setting(0o660, kind=MODE,
+                               help="mode of the socket file, octal (`\"660\"` or `0o660`)")
+    socket_owner: str | None = setting(None, doc_default="the server's user",
+                                       help="owner of the socket file (name or uid)")
+    socket_group: str | None = setting(None, doc_default="the server's group",
+                                       help="group of the socket file (name or gid)")
+    slow_ms: float = setting(50.0, minimum=0,
+                             help="requests slower than this (ms) are logged at WARNING; 0 = off")
+    drain_timeout: float = setting(10.0, minimum=0, maximum=3600,
+                                   help="on SIGTERM, seconds in-flight requests get to finish")
+    metrics_port: int = setting(0, minimum=0, maximum=65535,
+                                help="Prometheus `/metrics` TCP port; 0 = off")
+    metrics_host: str = setting("127.0.0.1",
+                                help="address of `/metrics` (`0.0.0.0` exposes it)")
+    log_format: str = setting("text", choices=("text", "json"),
+                              help="log lines on stderr; `json`: one object per line")
+    log_level: str = setting("info", choices=("debug", "info", "warning", "error"),
+                             help="least severe level logged")
+    repository: str | None = setting(
+        None, help="model repository: serve `DIR/<model>/<version>/model.{pt,onnx,py}` "
+                   "(relative to the config file)")
+    poll_interval: float = setting(0.0, minimum=0, maximum=86400,
+                                   help="seconds between looks at the repository for new or "
+                                        "removed versions; 0 = off")
+    admin_uid: list[int] = setting([], minimum=0, doc_default="the server's uid and root",
+                                   help="uids allowed to load / unload / reload models")
+    #: The TOML file the settings came from, if any (named in error messages).
+    path: str | None = field(default=None, repr=False, compare=False)
 
-    def apply(self, settings: dict[str, Any]) -> None:
-        """Set fields from ``[server]``-style keys (``shm_cap_mb = 512``, ``socket_mode =
-        "660"``, ...); shared by the TOML file, the CLI flags and their environment twins."""
-        for key, value in settings.items():
-            if value is None:
-                continue
-            if key in _MB_KEYS:
-                setattr(self, _MB_KEYS[key], _megabytes(key, value))
-            elif key == "socket_mode":
-                self.socket_mode = parse_mode(value)
-            elif key in ("allow_uid", "allow_gid", "admin_uid"):
-                setattr(self, key, _id_list(key, value))
-            elif key in ("socket_owner", "socket_group"):
-                setattr(self, key, str(value) if str(value) else None)
-            elif key == "log_format":
-                if value not in ("text", "json"):
-                    raise ValueError(f"log_format must be \"text\" or \"json\", not {value!r}")
-                self.log_format = value
-            elif key == "io_threads":
-                # One thread always stays free for I/O, so fewer than 2 would serve nothing.
-                self.io_threads = max(2, _number(key, value, int))
-            elif key == "metrics_port":
-                port = _number(key, value, int)
-                if not 0 <= port <= 65535:
-                    raise ValueError(f"metrics_port must be 0 (off) or a TCP port, not {port}")
-                self.metrics_port = port
-            elif key == "threads":
-                self.threads = _number(key, value, int)
-            elif key in ("slow_ms", "drain_timeout", "poll_interval"):
-                number = _number(key, value, float)
-                if number < 0:
-                    raise ValueError(f"{key} must be >= 0, not {number}")
-                setattr(self, key, number)
-            elif key in ("socket", "metrics_host"):
-                setattr(self, key, str(value))
-            elif key == "repository":
-                self.repository = str(value) if str(value) else None
-            else:
-                raise ValueError(f"unknown setting {key!r}")
+    def apply(self, values: Mapping[str, Any], where: str = "[server]",
+              textual: bool = False) -> None:
+        """Check and set ``[server]`` keys (``shm_cap_mb = 512``, ``socket_mode = "660"``);
+        ``textual`` when the values are strings from flags or the environment."""
+        apply(self, SERVER_SETTINGS, {k: v for k, v in values.items() if v is not None}, where,
+              textual, elsewhere=_MODEL_KEYS)
+        if self.region_initial > self.region_cap:
+            raise ConfigError(f"{where} region_initial_mb ({self.region_initial >> 20}) is "
+                              f"larger than region_cap_mb ({self.region_cap >> 20}); allowed: "
+                              "region_initial_mb <= region_cap_mb")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ServerConfig:
-        """Read a ``tensorbridge.toml`` (its keys are shown in the README and
-        ``deploy/tensorbridge.toml``); a wrong key or value raises ``ValueError`` naming it."""
-        text = Path(path).read_text()
-        raw = tomllib.loads(text)
-        server: dict[str, Any] = dict(raw.get("server", {}))
-        # TOML reads `socket_mode = 440` as decimal 440 (= 0o670, wider than meant); a mode
-        # written as bare digits means chmod's octal, so pass those digits on as a string.
-        bare = re.search(r"^\s*socket_mode\s*=\s*([0-7]{3,4})\s*(?:#.*)?$", text, re.M)
-        if bare and isinstance(server.get("socket_mode"), int):
-            server["socket_mode"] = bare.group(1)
-        unknown = set(server) - _SERVER_KEYS
-        if unknown:
-            raise ValueError(f"{path}: unknown [server] keys {sorted(unknown)}; known keys: "
-                             f"{sorted(_SERVER_KEYS)}")
-        config = cls()
-        try:
-            config.apply(server)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: [server] {exc}") from None
+        """Read and check a ``tensorbridge.toml`` (keys: docs/operations.md,
+        ``deploy/tensorbridge.toml``); anything wrong raises ``ConfigError`` naming the file,
+        the table, the key, the value and what is allowed."""
+        path = str(path)
+        raw = _read_toml(path)
+        config = cls(path=path)
+        for key in raw:
+            if key not in ("server", "models"):
+                raise unknown_key(key, f"{path}:", ("server", "models"), elsewhere={
+                    k: "[server]" for k in _SERVER_KEYS} | {
+                    k: "[models.NAME]" for k in _MODEL_KEYS})
+        server = _table(raw, "server", path)
+        config.apply(server, f"{path}: [server]")
         base = Path(path).parent
         if config.repository and not Path(config.repository).is_absolute():
             config.repository = str(base / config.repository)
-        for name, table in raw.get("models", {}).items():
-            table = dict(table)
-            unknown = set(table) - set(ModelConfig.__dataclass_fields__) - {"name"}
-            if unknown:
-                raise ValueError(f"{path}: unknown keys {sorted(unknown)} in [models.{name}]")
-            for key in ("source", "weights"):
-                value = table.get(key)
-                if value and ":" not in value and not Path(value).is_absolute():
-                    table[key] = str(base / value)
-            labels = (table.get("postprocess") or {}).get("labels")  # a file beside the config
-            if isinstance(labels, str) and ":" not in labels and not Path(labels).is_absolute():
-                table["postprocess"] = {**table["postprocess"], "labels": str(base / labels)}
-            table.pop("name", None)
-            # Without a source the table overrides the repository's config of that model.
-            table.setdefault("source", "")
-            config.models.append(ModelConfig(name=name, **table))
+        models = _table(raw, "models", path)
+        for name, table in models.items():
+            where = f"{path}: [models.{name}]"
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{where} must be a table with at least `source = ...`, not "
+                                  f"{table!r}")
+            config.models.append(_model_from_table(name, dict(table), where, base))
         return config
 
 
-# [server] keys of tensorbridge.toml; each has a CLI flag and a TENSORBRIDGE_* twin (_cli.py).
-_MB_KEYS = {"region_initial_mb": "region_initial", "region_cap_mb": "region_cap",
-            "shm_cap_mb": "shm_cap"}
-_SERVER_KEYS = frozenset({"socket", "threads", "allow_uid", "allow_gid", "socket_mode",
-                          "socket_owner", "socket_group", "slow_ms", "io_threads",
-                          "drain_timeout", "metrics_port", "metrics_host", "log_format",
-                          "repository", "poll_interval", "admin_uid", *_MB_KEYS})
+#: The ``[server]`` settings and the ``[models.NAME]`` ones, in declaration order.
+SERVER_SETTINGS = schema(ServerConfig)
+MODEL_SETTINGS = schema(ModelConfig)
+_SERVER_KEYS = {s.key for s in SERVER_SETTINGS}
+_MODEL_KEYS = {s.key: "[models.NAME], or a flag for models given with --model"
+               for s in MODEL_SETTINGS}
 
 
-def parse_mode(value: Any) -> int:
-    """A file mode written the ``chmod`` way: ``"660"``, ``"0660"`` or ``0o660``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        # TOML 0o660 arrives as 432, a bare 660 as 660: read the latter's digits as octal.
-        # (from_toml hands a bare decimal like 440 over as the string "440", so it is read
-        # the chmod way too, not as decimal 440 = 0o670.)
-        mode = int(str(value), 8) if value > 0o777 and set(str(value)) <= set("01234567") \
-            else value
-    else:
-        try:
-            mode = int(str(value), 8)
-        except ValueError:
-            raise ValueError(f"socket_mode must be octal digits like \"660\", not {value!r}"
-                             ) from None
-    if not 0 <= mode <= 0o777:
-        raise ValueError(f"socket_mode {value!r} is not a permission mode (000..777)")
-    return mode
-
-
-def _number(key: str, value: Any, kind: type) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"{key} must be a number, not {value!r}")
+def _read_toml(path: str) -> dict[str, Any]:
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key} must be a number, not {value!r}") from None
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}"
+                          ) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}; see deploy/tensorbridge.toml"
+                          ) from None
+    # TOML reads `socket_mode = 440` as decimal 440 (= 0o670, wider than meant); a mode
+    # written as bare digits means chmod's octal, so pass those digits on as a string.
+    server = raw.get("server")
+    bare = re.search(r"^\s*socket_mode\s*=\s*([0-7]{3,4})\s*(?:#.*)?$", text, re.M)
+    if bare and isinstance(server, dict) and isinstance(server.get("socket_mode"), int):
+        server["socket_mode"] = bare.group(1)
+    return raw
 
 
-def _megabytes(key: str, value: Any) -> int:
-    mb = _number(key, value, float)
-    if mb <= 0:
-        raise ValueError(f"{key} must be > 0 MiB, not {value!r}")
-    return int(mb * (1 << 20))
+def _table(raw: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: {name} = {value!r} must be a table ([{name}])")
+    return dict(value)
 
 
-def _id_list(key: str, value: Any) -> list[int]:
-    """uids/gids from a list (TOML), or a comma-separated string (environment)."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)):
-        raise ValueError(f"{key} must be a list of numeric ids, not {value!r}")
-    return [_number(key, i, int) for i in items if str(i).strip()]
+def _model_from_table(name: str, table: dict[str, Any], where: str, base: Path) -> ModelConfig:
+    table.pop("name", None)
+    for key in ("source", "weights"):  # a file beside the config
+        value = table.get(key)
+        if isinstance(value, str) and value and ":" not in value and not Path(value).is_absolute():
+            table[key] = str(base / value)
+    post = table.get("postprocess")
+    labels = post.get("labels") if isinstance(post, Mapping) else None
+    if isinstance(labels, str) and ":" not in labels and not Path(labels).is_absolute():
+        table["postprocess"] = {**post, "labels": str(base / labels)}  # type: ignore[dict-item]
+    model = ModelConfig(name=name, source="", origin=where)
+    apply(model, MODEL_SETTINGS, table, where, elsewhere={k: "[server]" for k in _SERVER_KEYS})
+    return model
+
+
+def model_where(model: ModelConfig) -> str:
+    """How messages name a model's settings: its TOML table, or the ``--model`` flag."""
+    return model.origin or f"--model {model.name}:"
+
+
+def check_models(config: ServerConfig) -> None:
+    """What the server would find out only while loading: each model's source file or
+    factory, weights file, device and tables. ``ConfigError`` names the key and value."""
+    repository = Path(config.repository) if config.repository else None
+    if repository is not None and not repository.is_dir():
+        raise ConfigError(f"{config.path or 'settings'}: repository = {config.repository!r}: "
+                          "no such directory; allowed: a folder of model folders")
+    if not config.models and repository is None:
+        raise ConfigError("no models; give --model NAME=SOURCE, --repository DIR or --config "
+                          "FILE with [models.NAME] tables")
+    names = [m.name for m in config.models]
+    for model in config.models:
+        where = model_where(model)
+        if names.count(model.name) > 1:
+            raise ConfigError(f"{where} model name {model.name!r} is used twice; allowed: "
+                              "unique names")
+        weights = model.weights
+        for key, value, problem, allowed in (
+                ("source", model.source, _source_problem(model.source, model.name, repository),
+                 "a TorchScript, .onnx or model.py file, or package.module:factory"),
+                ("weights", weights, None if weights is None or Path(weights).is_file()
+                 else "no such file", "a .pth/.pt (torch.save) or .safetensors file"),
+                ("device", model.device, _device_available(model.device),
+                 "cpu, or a device this machine has")):
+            if problem:
+                raise ConfigError(f"{where} {key} = {value!r}: {problem}; allowed: {allowed}")
+        _check_tables(model, where)
+
+
+def _source_problem(source: str, name: str, repository: Path | None) -> str | None:
+    if not source:  # the repository's folder of that name gives it
+        if repository is None or not (repository / name).is_dir():
+            return f"none, and no repository folder {name!r} exists to take it from"
+        return None
+    if ":" in source and not Path(source).exists():
+        module_name, _, factory = source.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            return f"no module named {exc.name!r} (is it installed, or on PYTHONPATH?)"
+        except Exception as exc:  # the module's own import failed: say how
+            return f"importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        if not callable(getattr(module, factory, None)):
+            return f"module {module_name!r} has no factory {factory!r}"
+        return None
+    if not Path(source).is_file():
+        return "no such file"
+    return None
+
+
+def _device_available(device: str) -> str | None:
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            return f"CUDA is not available here (torch {torch.__version__})"
+        if index and int(index) >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if kind == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available here"
+    return None
+
+
+def _check_tables(model: ModelConfig, where: str) -> None:
+    """The tensor specs and pipeline tables, as far as they can be read without the model."""
+    from ._pipeline import Classify, ImagePreprocess
+    from ._signature import Signature
+
+    try:
+        Signature.parse(model.inputs, model.outputs)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{where} inputs/outputs: {exc}; allowed: a list of "
+                          "{name, datatype, shape} tables") from None
+    for key, parse in (("preprocess", ImagePreprocess.parse), ("postprocess", Classify.parse)):
+        table = getattr(model, key)
+        try:
+            if table:
+                parse(table)
+        except (TypeError, ValueError) as exc:
+            table_where = (f"{where.removesuffix(']')}.{key}]" if model.origin
+                           else f"{where} {key}:")
+            raise ConfigError(f"{table_where} {exc}") from None

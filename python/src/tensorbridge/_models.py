@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ import torch
 from ._backends import backend_name, forward_inputs, load_backend
 from ._errors import ModelError
 from ._pipeline import Pipeline, PipelineConfigError
+from ._settings import setting
 from ._signature import ANY, Signature
 from ._spec import BY_NAME, BY_TORCH
 
@@ -22,56 +24,65 @@ log = logging.getLogger("tensorbridge")
 
 @dataclass
 class ModelConfig:
-    """How to load and serve one model (one ``[models.NAME]`` table of the config file)."""
+    """How to load and serve one model (one ``[models.NAME]`` table of the config file).
+
+    Each ``setting()`` field is a key of that table; those with a flag and a
+    ``TENSORBRIDGE_*`` twin apply them to models given with ``--model`` (docs/operations.md).
+    """
 
     name: str
-    #: TorchScript file (``.pt``/``.ts``) or ``package.module:factory`` for an eager model.
-    source: str
-    #: state_dict for an eager model: ``.pth``/``.pt`` (torch.save) or ``.safetensors``.
-    weights: str | None = None
-    #: Input specs ``[{name, datatype, shape}]``; None = from the model or the factory.
-    inputs: list[Any] | None = None
-    #: Output specs; None = from the model, or inferred by the first warm-up run.
-    outputs: list[Any] | None = None
-    #: Warm-up runs at start (needs input shapes; -1 dims become 1).
-    warmup: int = 2
-    #: Requests computed at the same time; others wait in the queue.
-    max_concurrency: int = 1
-    #: Requests allowed to wait; beyond that the server answers OVERLOADED at once.
-    max_queue: int = 256
-    #: ``cpu`` or ``cuda[:N]``.
-    device: str = "cpu"
-    #: Dynamic batching: the most rows one forward may take (1 = batching off). Only models
-    #: whose inputs all have a dynamic first dim (-1) are ever batched.
-    max_batch_size: int = 1
-    #: How long the first request of a batch may wait for others, in microseconds.
-    max_queue_delay_us: int = 0
-    #: Batch sizes to prefer when more requests wait than fit (Triton's knob).
-    preferred_batch_sizes: list[int] = field(default_factory=list)
-    #: ``"delay"`` (Triton-style: max_batch_size / max_queue_delay_us / preferred sizes) or
-    #: ``"queue_depth"`` (above 50 queued take min(32, depth/2), at least 4; else 1).
-    batch_policy: str = "delay"
-    #: Copies of the model serving the queue at once (threads of this process).
-    instances: int = 1
-    #: A model call running longer than this marks its instance unhealthy and fails the
-    #: requests waiting for it (seconds; 0 = off).
-    watchdog_timeout: float = 0.0
-    #: Extra keyword arguments for the factory.
-    options: dict[str, Any] = field(default_factory=dict)
-    #: Server-side image preprocessing (``[models.NAME.preprocess]``, docs/models.md): keys
-    #: here override those the factory declares. ``inputs``/``outputs`` above describe the
-    #: module itself; clients see the image input and the top-k outputs instead.
-    preprocess: dict[str, Any] | None = None
-    #: Server-side postprocessing (``[models.NAME.postprocess]``): softmax, top_k, labels.
-    postprocess: dict[str, Any] | None = None
-    #: Warm-up inputs ``{name: nested list}`` (dtype from the signature); None = zeros of the
-    #: signature's shapes (-1 dims become 1).
-    warmup_inputs: dict[str, Any] | None = None
-    #: Repository models: which versions to serve: ``"latest"``, ``"all"``, ``{latest = N}``
-    #: or a list of version numbers (``_repository``).
-    version_policy: Any = "latest"
-    #: A/B routing (``[models.NAME.routing]``): ``{split = {"1" = 90, "2" = 10}}``.
-    routing: dict[str, Any] | None = None
+    source: str = setting(help="TorchScript file (`.pt`/`.ts`), `.onnx` file, `model.py` or "
+                               "`package.module:factory`", cli=False,
+                          doc_default="(required without a repository folder of the model)")
+    weights: str | None = setting(None, cli=False, help="state_dict of an eager model: "
+                                  "`.pth`/`.pt` (torch.save) or `.safetensors`")
+    inputs: list[Any] | None = setting(
+        None, help="input specs `[{name, datatype, shape}]`; none = from the model or factory")
+    outputs: list[Any] | None = setting(
+        None, help="output specs; none = from the model, or learnt by the first warm-up run")
+    warmup: int = setting(2, minimum=0, maximum=1000,
+                          help="warm-up runs at start (needs input shapes; -1 dims become 1)")
+    max_concurrency: int = setting(1, minimum=1, maximum=256,
+                                   help="older name of `instances` (the larger one counts)")
+    max_queue: int = setting(256, minimum=0, maximum=1 << 20,
+                             help="requests allowed to wait; beyond it `OVERLOADED` at once")
+    device: str = setting("cpu", check=lambda d: None if re.fullmatch(
+        r"cpu|cuda(:\d+)?|mps", d) else "unknown device", accepts="cpu, cuda, cuda:N or mps",
+        help="where the model runs")
+    max_batch_size: int = setting(
+        1, minimum=1, maximum=4096,
+        help="dynamic batching: most rows per forward (1 = off; needs a dynamic first dim)")
+    max_queue_delay_us: int = setting(0, minimum=0, maximum=10_000_000,
+                                      help="how long a batch's first request may wait for others")
+    preferred_batch_sizes: list[int] = setting(
+        [], minimum=1, help="batch sizes to prefer when more requests wait than fit")
+    batch_policy: str = setting(
+        "delay", choices=("delay", "queue_depth"),
+        help="`delay` (max_batch_size / max_queue_delay_us / preferred sizes) or `queue_depth` "
+             "(above 50 queued take min(32, depth/2), at least 4)")
+    instances: int = setting(1, minimum=1, maximum=256,
+                             help="copies of the model serving its queue at once (threads)")
+    watchdog_timeout: float = setting(
+        0.0, minimum=0, help="a call running longer (s) marks its instance unhealthy, fails its "
+                             "waiters and starts a new one; 0 = off")
+    options: dict[str, Any] = setting({}, help="extra keyword arguments for the factory")
+    preprocess: dict[str, Any] | None = setting(
+        None, help="server-side image preprocessing (`[models.NAME.preprocess]`, "
+                   "docs/models.md); overrides the factory's keys")
+    postprocess: dict[str, Any] | None = setting(
+        None, help="server-side postprocessing (`[models.NAME.postprocess]`): softmax, "
+                   "top_k, labels")
+    warmup_inputs: dict[str, Any] | None = setting(
+        None, help="warm-up inputs `{name = nested list}` (dtype from the signature); none = "
+                   "zeros of the signature's shapes")
+    version_policy: Any = setting(
+        "latest", check=lambda p: _version_policy_problem(p),
+        accepts='"latest", "all", {latest = N} or a list of version numbers',
+        help="repository models: which versions to serve")
+    routing: dict[str, Any] | None = setting(
+        None, help="A/B routing (`[models.NAME.routing]`): `{split = {\"1\" = 90, \"2\" = 10}}`")
+    #: Where the settings came from (``file: [models.NAME]``), for messages.
+    origin: str = field(default="", repr=False, compare=False)
 
     @property
     def instance_count(self) -> int:
@@ -87,6 +98,16 @@ class ModelConfig:
                              f"got {text!r}")
         source, _, weights = source.partition("@")
         return cls(name=name, source=source, weights=weights or None)
+
+
+def _version_policy_problem(policy: Any) -> str | None:
+    from ._repository import select_versions  # it builds ModelConfigs: imported late
+
+    try:
+        select_versions(policy, [])
+    except ValueError:
+        return "unknown version policy"
+    return None
 
 
 class LoadedModel:

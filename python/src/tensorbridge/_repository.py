@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ._models import ModelConfig
+from ._settings import apply, schema
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +33,7 @@ MODEL_FILES = ("model.pt", "model.onnx", "model.py")
 WEIGHT_SUFFIXES = (".safetensors", ".pth")
 #: Keys a repository config.toml may not set: the version folder says where the model is.
 _FOLDER_KEYS = frozenset({"source", "weights", "name"})
+MODEL_SETTINGS = schema(ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,8 @@ class Repository:
         labels = (table.get("postprocess") or {}).get("labels")  # a file beside config.toml
         if isinstance(labels, str) and ":" not in labels and not Path(labels).is_absolute():
             table["postprocess"] = {**table["postprocess"], "labels": str(path.parent / labels)}
-        config = ModelConfig(name=name, source="", **table)
+        config = ModelConfig(name=name, source="", origin=f"{path}:")
+        apply(config, MODEL_SETTINGS, table, f"{path}:")
         if overrides is not None:
             defaults = ModelConfig(name=name, source="")
             for f in dataclasses.fields(ModelConfig):

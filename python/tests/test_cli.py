@@ -1,0 +1,44 @@
+"""``tensorbridge health`` against real servers: 0 ready (a real INFER answered), 1 answering
+but not ready, 2 usage, 3 unreachable (nothing answers, or a stopped process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorbridge._exitcode import ExitCode
+
+
+def _health(socket: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tensorbridge", "health", "--socket", socket,
+                           "--timeout", "3", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_health_exit_codes(tmp_path: Path, make_server) -> None:
+    server = make_server(["digits=tensorbridge.models.digits:create",
+                          "echo=tensorbridge.models.testing:echo"])
+    ok = _health(server.socket, "--format", "json")
+    assert ok.returncode == ExitCode.OK, ok.stderr
+    report = json.loads(ok.stdout)
+    # digits' inputs can be made up, so it got a real INFER; echo's are open, PING covers it.
+    assert report["checked"] == {"digits": "ok"} and report["server"]["ready"] is True
+    missing = _health(server.socket, "--model", "nope")
+    assert missing.returncode == ExitCode.FAILURE and "'nope' is not loaded" in missing.stderr
+    usage = subprocess.run([sys.executable, "-m", "tensorbridge", "health", "--timeout", "x"],
+                           capture_output=True, text=True, timeout=60)
+    assert usage.returncode == ExitCode.CONFIG
+    os.kill(server.pid, signal.SIGSTOP)  # accepts (the kernel's backlog) but never answers
+    try:
+        stopped = _health(server.socket)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert stopped.returncode == ExitCode.UNREACHABLE, stopped.stderr
+    assert _health(server.socket).returncode == ExitCode.OK
+    server.stop()
+    down = _health(server.socket)
+    assert down.returncode == ExitCode.UNREACHABLE and "running?" in down.stderr
+
