@@ -118,9 +118,9 @@ def server_config(args: argparse.Namespace, environ: dict[str, str] | None = Non
         if value != "":
             config.apply({spec.key: value}, f"environment: {spec.env}:", textual=True)
     for spec in _SERVER_FLAGS:
-        value = getattr(args, spec.key, None)
-        if value is not None:
-            config.apply({spec.key: value}, f"command line: {spec.flag}:",
+        flag = getattr(args, spec.key, None)
+        if flag is not None:
+            config.apply({spec.key: flag}, f"command line: {spec.flag}:",
                          textual=spec.kind != "bool")
     for text in getattr(args, "model", None) or ():
         model = ModelConfig.from_cli(text)
@@ -128,9 +128,9 @@ def server_config(args: argparse.Namespace, environ: dict[str, str] | None = Non
             if environ.get(spec.env, "") != "":
                 apply(model, (spec,), {spec.key: environ[spec.env]},
                       f"environment: {spec.env}:", textual=True)
-            value = getattr(args, spec.key, None)
-            if value is not None:
-                apply(model, (spec,), {spec.key: value}, f"command line: {spec.flag}:",
+            flag = getattr(args, spec.key, None)
+            if flag is not None:
+                apply(model, (spec,), {spec.key: flag}, f"command line: {spec.flag}:",
                       textual=spec.kind != "bool")
         config.models.append(model)
     return config

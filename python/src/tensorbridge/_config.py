@@ -21,7 +21,7 @@ from ._settings import parse_mode as parse_mode
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
 
 __all__ = ["ConfigError", "ServerConfig", "check_models", "default_socket_path", "parse_mode"]
 
@@ -160,7 +160,7 @@ def _read_toml(path: str) -> dict[str, Any]:
     bare = re.search(r"^\s*socket_mode\s*=\s*([0-7]{3,4})\s*(?:#.*)?$", text, re.M)
     if bare and isinstance(server, dict) and isinstance(server.get("socket_mode"), int):
         server["socket_mode"] = bare.group(1)
-    return raw
+    return dict(raw)
 
 
 def _table(raw: Mapping[str, Any], name: str, path: str) -> dict[str, Any]:

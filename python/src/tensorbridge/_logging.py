@@ -66,5 +66,5 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
     name = args.thread.name if args.thread is not None else "?"
-    logging.getLogger("tensorbridge").critical(
-        "thread %s crashed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    exc = args.exc_value if args.exc_value is not None else args.exc_type()
+    logging.getLogger("tensorbridge").critical("thread %s crashed", name, exc_info=exc)
