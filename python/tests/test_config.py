@@ -63,7 +63,12 @@ BAD_CONFIGS = [
      ["unknown key 'sever'; did you mean 'server'?"]),
     ("bad_preprocess", "[models.m]\n" + ECHO + '[models.m.preprocess]\nmode = "CMYK"\n',
      ["[models.m.preprocess] preprocess mode must be 'RGB' or 'L', got 'CMYK'"]),
-    ("no_source", "[models.m]\nwarmup = 0\n", ["[models.m] has no source"]),
+    ("no_source", "[models.m]\nwarmup = 0\n",
+     ["[models.m] source = '': none, and no repository folder 'm' exists to take it from"]),
+    ("missing_repository", '[server]\nrepository = "gone"\n',
+     ["[server] repository = '{dir}/gone': no such directory"]),
+    ("bad_version_policy", "[models.m]\n" + ECHO + 'version_policy = "newest"\n',
+     ["[models.m] version_policy = 'newest': unknown version policy; allowed: \"latest\""]),
     ("no_models", "[server]\nthreads = 1\n", ["no models"]),
     ("region_initial_over_cap", "[server]\nregion_initial_mb = 64\nregion_cap_mb = 8\n"
      "[models.m]\n" + ECHO, ["region_initial_mb (64) is larger than region_cap_mb (8)"]),
@@ -140,6 +145,8 @@ def _sample(spec: Setting) -> tuple[str, object]:
         return choice, choice
     if spec.key == "device":
         return "cpu", "cpu"
+    if spec.key == "repository":  # an absolute path: a relative one is the config file's
+        return "/srv/models", "/srv/models"
     return {MODE: ("640", 0o640), MIB: ("3", 3 << 20), "int": ("7", 7), "float": ("2.5", 2.5),
             "str": ("x7", "x7"), "ints": ("5,6", [5, 6]), "bool": ("true", True)}[spec.kind]
 

@@ -195,7 +195,8 @@ def check_models(config: ServerConfig) -> None:
     factory, weights file, device and tables. ``ConfigError`` names the key and value."""
     repository = Path(config.repository) if config.repository else None
     if repository is not None and not repository.is_dir():
-        raise ConfigError(f"{config.path or 'settings'}: repository = {config.repository!r}: "
+        where = f"{config.path}: [server]" if config.path else "repository:"
+        raise ConfigError(f"{where} repository = {config.repository!r}: "
                           "no such directory; allowed: a folder of model folders")
     if not config.models and repository is None:
         raise ConfigError("no models; give --model NAME=SOURCE, --repository DIR or --config "
