@@ -18,6 +18,7 @@ from ._pipeline import Pipeline, PipelineConfigError
 from ._settings import setting
 from ._signature import ANY, Signature
 from ._spec import BY_NAME, BY_TORCH
+from ._text import TextPipeline
 
 log = logging.getLogger("tensorbridge")
 
@@ -114,13 +115,13 @@ class LoadedModel:
     """A model kept in memory with its signature; the server queues requests for it."""
 
     def __init__(self, config: ModelConfig, module: Any, signature: Signature,
-                 pipeline: Pipeline | None = None, version: int = 1) -> None:
+                 pipeline: Pipeline | TextPipeline | None = None, version: int = 1) -> None:
         self.config = config
         self.name = config.name
         #: The version number this copy serves (1 for a model given without a repository).
         self.version = version
         self.module = module
-        self.pipeline = pipeline or Pipeline()
+        self.pipeline: Pipeline | TextPipeline = pipeline or Pipeline()
         self.device = torch.device(config.device)
         self._forward_signature = signature
         #: What clients send and get (checked on every request, reported by MODELS).
@@ -180,7 +181,11 @@ class LoadedModel:
                                            for s in self._forward_signature.inputs))
         except Exception as exc:  # the model's own failure, reported to the caller
             raise ModelError(f"model {self.name!r} raised {type(exc).__name__}: {exc}") from exc
-        return self._name_outputs(result)
+        outputs = self._name_outputs(result)
+        for name in self.pipeline.passthrough:  # e.g. a text batch's attention mask
+            if name in inputs:
+                outputs[name] = inputs[name]
+        return outputs
 
     def _name_outputs(self, result: Any) -> dict[str, Any]:
         names = [s.name for s in self._forward_signature.outputs]
@@ -261,7 +266,8 @@ def load_model(config: ModelConfig, version: int = 1) -> LoadedModel:
     return model
 
 
-def _build_pipeline(config: ModelConfig, module: Any, forward: Signature) -> Pipeline:
+def _build_pipeline(config: ModelConfig, module: Any, forward: Signature
+                    ) -> Pipeline | TextPipeline:
     """The factory's declared ``tensorbridge_pipeline``, overridden key by key by the config."""
     declared = dict(getattr(module, "tensorbridge_pipeline", None) or {})
     unknown = set(declared) - {"preprocess", "postprocess"}

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ._errors import InvalidInputError
 from ._signature import Signature, TensorSpec
 from ._spec import BY_NAME
+
+if TYPE_CHECKING:
+    from ._text import TextPipeline
 
 # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a server must refuse instead.
 # (The declared size is also checked against max_pixels before any pixel is decoded.)
@@ -380,6 +383,15 @@ class Classify:
         """Classes returned per row for a model with ``classes`` outputs (None: unknown)."""
         return None if classes is None else min(self.top_k, classes)
 
+    def specs(self, classes: int | None) -> list[TensorSpec]:
+        """The outputs clients get instead of the logits."""
+        k = self.k(classes) or -1
+        specs = [TensorSpec("scores", "FP32", (-1, k)), TensorSpec("indices", "INT64", (-1, k)),
+                 TensorSpec("labels", "BYTES", (-1,))]
+        if self.notice:
+            specs.append(TensorSpec("notice", "BYTES", (-1,)))
+        return specs
+
     def __call__(self, logits: torch.Tensor) -> dict[str, Any]:
         """[N, classes] -> scores FP32 [N, k], indices INT64 [N, k], labels [N*k], notice."""
         if logits.dim() != 2:
@@ -429,11 +441,21 @@ class Pipeline:
     #: Module input the preprocessed tensor feeds, module output the postprocess reads.
     target: str | None = None
     source: str | None = None
+    #: Inputs the scheduler pads along dim 1 when it merges requests (text models only).
+    pad: Mapping[str, int] = field(default_factory=dict)
+    #: Inputs handed back beside the module's outputs (text models only).
+    passthrough: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, pre: Mapping[str, Any] | None, post: Mapping[str, Any] | None,
-              forward: Signature, notice: str | None = None) -> Pipeline:
-        """Parse both tables and tie them to the module's signature ``forward``."""
+              forward: Signature, notice: str | None = None) -> Pipeline | TextPipeline:
+        """Parse both tables and tie them to the module's signature ``forward``; a preprocess
+        naming a ``tokenizer`` makes a text pipeline (``_text.py``)."""
+        from ._text import TextPipeline, is_text
+
+        if is_text(pre):
+            assert pre is not None
+            return TextPipeline.build(pre, post, forward)
         preprocess = ImagePreprocess.parse(pre) if pre else None
         raw_post = dict(post or {})
         if raw_post and notice and "notice" not in raw_post:
@@ -473,31 +495,15 @@ class Pipeline:
         if self.postprocess is not None:
             spec = next(s for s in forward.outputs if s.name == self.source)
             classes = spec.shape[-1] if spec.shape and spec.shape[-1] > 0 else None
-            k = self.postprocess.k(classes) or -1
-            new = [TensorSpec("scores", "FP32", (-1, k)), TensorSpec("indices", "INT64", (-1, k)),
-                   TensorSpec("labels", "BYTES", (-1,))]
-            if self.postprocess.notice:
-                new.append(TensorSpec("notice", "BYTES", (-1,)))
-            at = outputs.index(spec)
-            outputs[at:at + 1] = new
-        names = [s.name for s in outputs]
-        if len(set(names)) != len(names):
-            raise PipelineConfigError(f"postprocess outputs clash with the module's other "
-                                      f"outputs: {names}")
+            outputs = splice(outputs, spec, self.postprocess.specs(classes))
         return Signature(None if inputs is None else tuple(inputs), tuple(outputs))
 
     def pre(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Client inputs -> module inputs."""
         out = dict(inputs)
         if self.preprocess is not None:
-            name = self.preprocess.input
-            if name not in out:
-                raise InvalidInputError(f"missing input {name!r}: send the image files as a "
-                                        f"BYTES tensor named {name!r}, one file per item")
-            items = out.pop(name)
-            if isinstance(items, torch.Tensor):
-                raise InvalidInputError(f"input {name!r} must be BYTES (one encoded image file "
-                                        f"per item), got a {items.dtype} tensor")
+            items = take_items(out, self.preprocess.input, "the image files",
+                               "one encoded image file per item")
             assert self.target is not None
             out[self.target] = self.preprocess(items)
         return out
@@ -513,6 +519,30 @@ class Pipeline:
             else:
                 out[name] = value
         return out
+
+
+def splice(outputs: list[TensorSpec], spec: TensorSpec, new: list[TensorSpec]
+           ) -> list[TensorSpec]:
+    """``outputs`` with ``spec`` replaced by ``new`` (a postprocess's outputs), names unique."""
+    at = outputs.index(spec)
+    outputs = [*outputs[:at], *new, *outputs[at + 1:]]
+    names = [s.name for s in outputs]
+    if len(set(names)) != len(names):
+        raise PipelineConfigError(f"postprocess outputs clash with the module's other "
+                                  f"outputs: {names}")
+    return outputs
+
+
+def take_items(inputs: dict[str, Any], name: str, what: str, each: str) -> Sequence[bytes]:
+    """Remove and return the BYTES input ``name``; missing or not BYTES -> InvalidInputError."""
+    if name not in inputs:
+        raise InvalidInputError(f"missing input {name!r}: send {what} as a BYTES tensor named "
+                                f"{name!r}, {each}")
+    items = inputs.pop(name)
+    if isinstance(items, torch.Tensor):
+        raise InvalidInputError(f"input {name!r} must be BYTES ({each}), got a {items.dtype} "
+                                "tensor")
+    return items
 
 
 def _pick(explicit: str | None, fallback: str | None, specs: Sequence[TensorSpec] | None,

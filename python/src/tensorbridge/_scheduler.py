@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,8 +34,12 @@ log = logging.getLogger("tensorbridge")
 QUEUE_DEPTH_THRESHOLD = 50
 
 
-def batch_key(inputs: dict[str, Any]) -> tuple[int | None, tuple[Any, ...] | None]:
-    """(rows, key) of a job's inputs, or (None, None) when they cannot be stacked."""
+def batch_key(inputs: dict[str, Any], pad: Mapping[str, int] | None = None
+              ) -> tuple[int | None, tuple[Any, ...] | None]:
+    """(rows, key) of a job's inputs, or (None, None) when they cannot be stacked.
+
+    Inputs named in ``pad`` (token ids of texts) may differ in dim 1: ``stack`` pads them.
+    """
     rows = None
     key = []
     for name in sorted(inputs):
@@ -46,8 +50,32 @@ def batch_key(inputs: dict[str, Any]) -> tuple[int | None, tuple[Any, ...] | Non
             rows = value.shape[0]
         elif value.shape[0] != rows:
             return None, None
-        key.append((name, value.dtype, tuple(value.shape[1:])))
+        if pad and name in pad:
+            key.append((name, value.dtype, value.dim(), tuple(value.shape[2:])))
+        else:
+            key.append((name, value.dtype, tuple(value.shape[1:])))
     return rows, tuple(key)
+
+
+def stack(parts: list[dict[str, Any]], pad: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Concatenate the jobs' inputs along dim 0; ``pad`` inputs are first padded along dim 1
+    to the widest with their pad value (the attention mask pads with 0, so the model
+    answers each row as it would alone)."""
+    stacked = {}
+    for name in parts[0]:
+        values = [p[name] for p in parts]
+        if name in pad:
+            width = max(v.shape[1] for v in values)
+            rows = sum(v.shape[0] for v in values)
+            out = values[0].new_full((rows, width, *values[0].shape[2:]), pad[name])
+            start = 0
+            for v in values:
+                out[start:start + v.shape[0], :v.shape[1]] = v
+                start += v.shape[0]
+            stacked[name] = out
+        else:
+            stacked[name] = torch.cat(values)
+    return stacked
 
 
 def batchable(model: LoadedModel) -> bool:
@@ -286,8 +314,7 @@ class ModelQueue:
                 outputs = self.model.forward(live[0].inputs)
                 parts: list[dict[str, Any]] = [outputs]
             else:
-                stacked = {name: torch.cat([j.inputs[name] for j in live])
-                           for name in live[0].inputs}
+                stacked = stack([j.inputs for j in live], self.model.pipeline.pad)
                 outputs = self.model.forward(stacked)
                 parts = self._split(outputs, [j.rows or 0 for j in live])
         except Exception as exc:

@@ -86,7 +86,7 @@ def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: 
         served.release()
         raise
     deadline = arrived + frame.timeout_us / 1e6 if frame.timeout_us else None
-    rows, key = batch_key(inputs) if served.queue.batching else (None, None)
+    rows, key = batch_key(inputs, model.pipeline.pad) if served.queue.batching else (None, None)
     return Request(frame, rid, seq, conn, model, inputs, arrived, deadline, rows=rows, key=key,
                    preprocess_s=preprocess_s, served=served)
 
