@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import text
+
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {
     "tb_tiny": "TensorBridge", "tb_tiny_spin": "TensorBridge, client spins 50 µs",
@@ -103,6 +105,9 @@ def render(res: dict[str, Any]) -> str:
         out.append("Skipped in this run (needs nginx, php-fpm and wrk).")
     if res.get("S7"):
         out += ["", *batching_section(res["S7"])]
+    if res.get("S8"):
+        out += ["", "## S8 sentence embeddings: all-MiniLM-L6-v2, one sentence per request", "",
+                text.table(res["S8"])]
     return "\n".join(out) + "\n"
 
 

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import text
 import vision
 
 BENCH = Path(__file__).resolve().parent
@@ -557,6 +558,7 @@ def main() -> int:
         "S6": lambda: web_stack(svc, repeats, n(5, 1)),
         "S7": lambda: batching(svc, [1, 4, 16, 64] if not quick else [2], n(2, 1),
                                n(6.0, 0.5)),
+        "S8": lambda: text.scenario(svc, repeats, n(5.0, 0.5), quick),
     }
     try:
         for name, scenario in scenarios.items():
