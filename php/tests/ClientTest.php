@@ -7,9 +7,13 @@ namespace TensorBridge\Tests;
 use PHPUnit\Framework\TestCase;
 use TensorBridge\BatchResult;
 use TensorBridge\Client;
+use TensorBridge\ErrorCode;
 use TensorBridge\Exception\CircuitOpenException;
 use TensorBridge\Exception\ConnectionException;
+use TensorBridge\Exception\DeadlineExceededException;
+use TensorBridge\Exception\InternalException;
 use TensorBridge\Exception\InvalidInputException;
+use TensorBridge\Exception\ModelException;
 use TensorBridge\Exception\ModelNotFoundException;
 use TensorBridge\Exception\OverloadedException;
 use TensorBridge\Exception\PayloadTooLargeException;
@@ -49,12 +53,12 @@ final class ClientTest extends TestCase
         yield 'MODEL_NOT_FOUND' => [1, ModelNotFoundException::class, 'MODEL_NOT_FOUND'];
         yield 'INVALID_INPUT' => [2, InvalidInputException::class, 'INVALID_INPUT'];
         yield 'PAYLOAD_TOO_LARGE' => [3, PayloadTooLargeException::class, 'PAYLOAD_TOO_LARGE'];
-        yield 'DEADLINE_EXCEEDED' => [4, TimeoutException::class, 'DEADLINE_EXCEEDED'];
+        yield 'DEADLINE_EXCEEDED' => [4, DeadlineExceededException::class, 'DEADLINE_EXCEEDED'];
         yield 'OVERLOADED' => [5, OverloadedException::class, 'OVERLOADED'];
-        yield 'MODEL_ERROR' => [6, ServerException::class, 'MODEL_ERROR'];
+        yield 'MODEL_ERROR' => [6, ModelException::class, 'MODEL_ERROR'];
         yield 'PROTOCOL_ERROR' => [7, ProtocolException::class, 'PROTOCOL_ERROR'];
         yield 'UNAUTHORIZED' => [8, UnauthorizedException::class, 'UNAUTHORIZED'];
-        yield 'INTERNAL' => [9, ServerException::class, 'INTERNAL'];
+        yield 'INTERNAL' => [9, InternalException::class, 'INTERNAL'];
     }
 
     /**
@@ -68,13 +72,58 @@ final class ClientTest extends TestCase
         self::assertInstanceOf(TensorBridgeException::class, $e);
         self::assertSame($name, $e->getErrorCode());
         self::assertSame($code, $e->getCode());
+        self::assertSame(ErrorCode::from($code), $e->errorCode());
         self::assertStringContainsString('details here', $e->getMessage());
         if ($e instanceof ModelNotFoundException) {
             self::assertSame('digits', $e->getModelName());
         }
         if ($e instanceof TimeoutException) {
             self::assertSame(1.5, $e->getTimeout());
+            self::assertTrue($e->isServerDeadline());
+            self::assertFalse($e->isClientDeadline());
+            self::assertStringContainsString('DEADLINE_EXCEEDED', $e->getMessage());
         }
+    }
+
+    public function testTheSpecErrorTableNamesTheExceptionsThrown(): void
+    {
+        $spec = (string) file_get_contents(__DIR__ . '/../../spec/protocol.md');
+        $row = '/^\| (\d+) +\| `(\w+)` +\| `(\w+)Exception`[^|]*\| `(\w+)Error`/m';
+        preg_match_all($row, $spec, $rows, PREG_SET_ORDER);
+        self::assertCount(count(ErrorCode::cases()), $rows);
+        foreach ($rows as [, $code, $name, $php, $python]) {
+            $e = ErrorMapper::toException(new ErrorReply((int) $code, 'm'), 'x', 1.0);
+            self::assertSame($name, $e->getErrorCode());
+            self::assertSame($php . 'Exception', (new \ReflectionClass($e))->getShortName());
+            self::assertSame($python, $php, 'Python XError and PHP XException share X');
+        }
+    }
+
+    public function testOnlyProtocolAndUnauthorizedErrorsCloseTheConnection(): void
+    {
+        $closing = array_filter(ErrorCode::cases(), static fn (ErrorCode $c): bool => $c->closesConnection());
+        self::assertSame([ErrorCode::PROTOCOL_ERROR, ErrorCode::UNAUTHORIZED], array_values($closing));
+        self::assertTrue(ErrorMapper::closesConnection(new ErrorReply(8, 'no')));
+        self::assertFalse(ErrorMapper::closesConnection(new ErrorReply(42, 'unknown code')));
+    }
+
+    public function testAClientSideTimeoutSaysSo(): void
+    {
+        $e = new TimeoutException('timed out', 0.25);
+        self::assertTrue($e->isClientDeadline());
+        self::assertFalse($e->isServerDeadline());
+        self::assertNull($e->errorCode());
+        self::assertSame(0, $e->getCode());
+    }
+
+    public function testErrorNamesAndEnumsAreInterchangeable(): void
+    {
+        $byName = new TensorBridgeException('x', 'OVERLOADED');
+        $byEnum = new TensorBridgeException('x', ErrorCode::OVERLOADED);
+        self::assertSame('OVERLOADED', $byName->getErrorCode());
+        self::assertSame(ErrorCode::OVERLOADED, $byEnum->errorCode());
+        self::assertSame(5, $byName->getCode());
+        self::assertNull((new TensorBridgeException('x', 'NOT_A_CODE'))->errorCode());
     }
 
     public function testSubclassRelations(): void
@@ -83,6 +132,9 @@ final class ClientTest extends TestCase
         self::assertInstanceOf(ServerException::class, new OverloadedException('x'));
         self::assertInstanceOf(ConnectionException::class, new UnauthorizedException('x'));
         self::assertInstanceOf(\RuntimeException::class, new ProtocolException('x'));
+        self::assertInstanceOf(TimeoutException::class, new DeadlineExceededException('x', 1.0));
+        self::assertInstanceOf(ServerException::class, new ModelException('x'));
+        self::assertInstanceOf(ServerException::class, new InternalException('x'));
     }
 
     public function testUnknownErrorCodeIsAServerException(): void

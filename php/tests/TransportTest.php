@@ -13,8 +13,10 @@ use TensorBridge\Exception\ProtocolException;
 use TensorBridge\Exception\TimeoutException;
 use TensorBridge\Internal\AttachOk;
 use TensorBridge\Internal\ErrorReply;
+use TensorBridge\Internal\FrameType;
 use TensorBridge\Internal\InferRequest;
 use TensorBridge\Internal\InferResponse;
+use TensorBridge\Internal\Spec;
 use TensorBridge\Internal\TensorDescriptor;
 use TensorBridge\Internal\Wire;
 use TensorBridge\Tensor;
@@ -87,6 +89,8 @@ final class TransportTest extends TestCase
             self::fail('expected a timeout');
         } catch (TimeoutException $e) {
             self::assertSame(0.2, $e->getTimeout());
+            self::assertTrue($e->isClientDeadline());
+            self::assertStringContainsString("the client's own deadline", $e->getMessage());
         }
         usleep(400000); // the fake server answers the first request after 0.3 s
         self::assertSame([2], $client->infer('echo', ['v' => [2]])['v']->toArray());
@@ -202,22 +206,22 @@ final class TransportTest extends TestCase
             if ($first && in_array('stale', $steps, true)) {
                 // late replies meant for an earlier user of the connection, one with a descriptor
                 $late = new InferResponse(0, 0, []);
-                self::send($conn, Wire::INFER_OK, $h->requestId - 5, Wire::encodeBody(Wire::INFER_OK, $late), false);
-                self::send($conn, Wire::ATTACH_OK, $h->requestId - 4, self::attachOk(), false);
+                self::send($conn, FrameType::INFER_OK, $h->requestId - 5, Wire::encodeBody(FrameType::INFER_OK, $late), false);
+                self::send($conn, FrameType::ATTACH_OK, $h->requestId - 4, self::attachOk(), false);
                 self::sendFd($conn, $file);
             }
             $first = false;
-            if ($h->type === Wire::MODELS) {
-                self::send($conn, Wire::MODELS_OK, $h->requestId, '{"models":[]}', $crc);
+            if ($h->type === FrameType::MODELS) {
+                self::send($conn, FrameType::MODELS_OK, $h->requestId, '{"models":[]}', $crc);
                 continue;
             }
-            if ($h->type === Wire::ATTACH) {
-                $crc = ($msg->options & Wire::OPT_CRC) !== 0;
-                self::send($conn, Wire::ATTACH_OK, $h->requestId, self::attachOk(), $crc);
+            if ($h->type === FrameType::ATTACH) {
+                $crc = ($msg->options & Spec::OPT_CRC) !== 0;
+                self::send($conn, FrameType::ATTACH_OK, $h->requestId, self::attachOk(), $crc);
                 self::sendFd($conn, $file);
                 continue;
             }
-            if ($h->type !== Wire::INFER || !$msg instanceof InferRequest) {
+            if ($h->type !== FrameType::INFER || !$msg instanceof InferRequest) {
                 return;
             }
             $inferCount++;
@@ -228,7 +232,7 @@ final class TransportTest extends TestCase
                 fseek($file, $msg->inputs[0]->offset);
                 if (unpack('q', (string) fread($file, 8))[1] < 0) {
                     $err = new ErrorReply(2, 'input "v" must be >= 0');
-                    self::send($conn, Wire::ERROR, $h->requestId, Wire::encodeBody(Wire::ERROR, $err), $crc);
+                    self::send($conn, FrameType::ERROR, $h->requestId, Wire::encodeBody(FrameType::ERROR, $err), $crc);
                     continue;
                 }
             }
@@ -239,7 +243,7 @@ final class TransportTest extends TestCase
             }
             if (in_array('error', $steps, true) && $msg->model === 'nope') {
                 $err = new ErrorReply(1, "model 'nope' is not loaded");
-                self::send($conn, Wire::ERROR, $h->requestId, Wire::encodeBody(Wire::ERROR, $err), $crc);
+                self::send($conn, FrameType::ERROR, $h->requestId, Wire::encodeBody(FrameType::ERROR, $err), $crc);
                 continue;
             }
             if (in_array('slow', $steps, true) && $pending === []) {
@@ -265,7 +269,7 @@ final class TransportTest extends TestCase
                 }
             }
             $reply = new InferResponse(1, 2, $outputs, $inline);
-            self::send($conn, Wire::INFER_OK, $h->requestId, Wire::encodeBody(Wire::INFER_OK, $reply), $crc);
+            self::send($conn, FrameType::INFER_OK, $h->requestId, Wire::encodeBody(FrameType::INFER_OK, $reply), $crc);
         }
     }
 
@@ -275,12 +279,12 @@ final class TransportTest extends TestCase
     private static function sendFd(\Socket $conn, mixed $file): void
     {
         $control = [['level' => SOL_SOCKET, 'type' => SCM_RIGHTS, 'data' => [$file]]];
-        socket_sendmsg($conn, ['iov' => [Wire::FD_CARRIER], 'control' => $control], 0);
+        socket_sendmsg($conn, ['iov' => [chr(Spec::FD_CARRIER)], 'control' => $control], 0);
     }
 
     private static function attachOk(): string
     {
-        return Wire::encodeBody(Wire::ATTACH_OK, new AttachOk(1 << 20, 1 << 30, Wire::MAX_BODY));
+        return Wire::encodeBody(FrameType::ATTACH_OK, new AttachOk(1 << 20, 1 << 30, Spec::MAX_BODY));
     }
 
     private static function send(\Socket $conn, int $type, int $id, string $body, bool $crc): void

@@ -6,12 +6,15 @@ namespace TensorBridge\Tests;
 
 use PHPUnit\Framework\TestCase;
 use TensorBridge\DType;
+use TensorBridge\ErrorCode;
 use TensorBridge\Exception\ProtocolException;
 use TensorBridge\Internal\AttachOk;
 use TensorBridge\Internal\AttachRequest;
 use TensorBridge\Internal\ErrorReply;
+use TensorBridge\Internal\FrameType;
 use TensorBridge\Internal\InferRequest;
 use TensorBridge\Internal\InferResponse;
+use TensorBridge\Internal\Spec;
 use TensorBridge\Internal\TensorDescriptor;
 use TensorBridge\Internal\Wire;
 
@@ -60,12 +63,42 @@ final class VectorsTest extends TestCase
     public function testConstantsMatchTheSpec(): void
     {
         $v = self::vectors();
-        self::assertSame($v['magic'], Wire::MAGIC);
-        self::assertSame($v['version'], Wire::VERSION);
-        self::assertSame($v['types'], array_flip(Wire::TYPE_NAMES));
+        self::assertSame($v['magic'], Spec::MAGIC);
+        self::assertSame($v['version'], Spec::VERSION);
+        self::assertSame($v['types'], array_flip(FrameType::NAMES));
+    }
+
+    public function testEveryNumericConstantIsInTheSpecTable(): void
+    {
+        $spec = self::vectors()['constants'];
+        $ours = (new \ReflectionClass(Spec::class))->getConstants();
+        unset($ours['MAGIC'], $ours['VERSION']); // checked above, outside the constants table
+        ksort($spec);
+        ksort($ours);
+        self::assertSame($spec, $ours);
+    }
+
+    public function testDTypesMatchTheSpecTable(): void
+    {
+        $v = self::vectors();
+        self::assertSame(array_keys($v['dtypes']), array_map(static fn (DType $d): string => $d->name, DType::cases()));
         foreach ($v['dtypes'] as $name => $code) {
             self::assertSame($code, DType::fromName($name)->value);
             self::assertSame($name, DType::from($code)->name());
+            self::assertSame($v['itemsizes'][$name], DType::from($code)->itemSize());
+        }
+    }
+
+    public function testErrorCodesMatchTheSpecTable(): void
+    {
+        $spec = self::vectors()['errors'];
+        $ours = [];
+        foreach (ErrorCode::cases() as $case) {
+            $ours[$case->name] = $case->value;
+        }
+        self::assertSame($spec, $ours);
+        foreach ($spec as $name => $code) {
+            self::assertSame(ErrorCode::from($code), ErrorCode::tryFromName($name));
         }
     }
 
@@ -94,12 +127,12 @@ final class VectorsTest extends TestCase
     public function testValidVectorDecodes(array $vector): void
     {
         $bytes = (string) hex2bin($vector['hex']);
-        $header = Wire::decodeHeader(substr($bytes, 0, Wire::HEADER_SIZE));
+        $header = Wire::decodeHeader(substr($bytes, 0, Spec::HEADER_SIZE));
         self::assertSame(self::vectors()['types'][$vector['type']], $header->type);
         self::assertSame($vector['request_id'], $header->requestId);
-        self::assertSame($vector['crc'] ? Wire::FLAG_CRC : 0, $header->flags);
-        self::assertSame(strlen($bytes) - Wire::HEADER_SIZE, $header->bodyLen);
-        $decoded = Wire::decodeBody($header, substr($bytes, Wire::HEADER_SIZE));
+        self::assertSame($vector['crc'] ? Spec::FLAG_CRC : 0, $header->flags);
+        self::assertSame(strlen($bytes) - Spec::HEADER_SIZE, $header->bodyLen);
+        $decoded = Wire::decodeBody($header, substr($bytes, Spec::HEADER_SIZE));
         self::assertEquals(self::message($vector['type'], $vector['body']), $decoded);
     }
 
@@ -113,13 +146,13 @@ final class VectorsTest extends TestCase
         $bytes = (string) hex2bin($vector['hex']);
         if ($vector['stage'] === 'header') {
             $this->expectException(ProtocolException::class);
-            Wire::decodeHeader(substr($bytes, 0, Wire::HEADER_SIZE));
+            Wire::decodeHeader(substr($bytes, 0, Spec::HEADER_SIZE));
             return;
         }
         self::assertSame('body', $vector['stage']);
-        $header = Wire::decodeHeader(substr($bytes, 0, Wire::HEADER_SIZE));
+        $header = Wire::decodeHeader(substr($bytes, 0, Spec::HEADER_SIZE));
         $this->expectException(ProtocolException::class);
-        Wire::decodeBody($header, substr($bytes, Wire::HEADER_SIZE));
+        Wire::decodeBody($header, substr($bytes, Spec::HEADER_SIZE));
     }
 
     public function testHeaderRejectsWrongLength(): void
@@ -145,10 +178,10 @@ final class VectorsTest extends TestCase
     public function testMisalignedRegionOffsetIsRejected(): void
     {
         $r = new InferResponse(0, 0, [new TensorDescriptor('y', DType::FP32, [1], 0, 64, 4)]);
-        $ok = Wire::encodeFrame(Wire::INFER_OK, 1, Wire::encodeBody(Wire::INFER_OK, $r));
+        $ok = Wire::encodeFrame(FrameType::INFER_OK, 1, Wire::encodeBody(FrameType::INFER_OK, $r));
         self::assertInstanceOf(InferResponse::class, Wire::decodeBody(Wire::decodeHeader(substr($ok, 0, 24)), substr($ok, 24)));
         $bad = new InferResponse(0, 0, [new TensorDescriptor('y', DType::FP32, [1], 0, 32, 4)]);
-        $frame = Wire::encodeFrame(Wire::INFER_OK, 1, Wire::encodeBody(Wire::INFER_OK, $bad));
+        $frame = Wire::encodeFrame(FrameType::INFER_OK, 1, Wire::encodeBody(FrameType::INFER_OK, $bad));
         $this->expectException(ProtocolException::class);
         Wire::decodeBody(Wire::decodeHeader(substr($frame, 0, 24)), substr($frame, 24));
     }
@@ -157,7 +190,7 @@ final class VectorsTest extends TestCase
     {
         $d = new TensorDescriptor('x', DType::UINT8, [1], 0, 0, 1);
         $r = new InferRequest(0, 'm', 0, 0, [$d, $d]);
-        $frame = Wire::encodeFrame(Wire::INFER, 1, Wire::encodeBody(Wire::INFER, $r));
+        $frame = Wire::encodeFrame(FrameType::INFER, 1, Wire::encodeBody(FrameType::INFER, $r));
         $this->expectException(ProtocolException::class);
         Wire::decodeBody(Wire::decodeHeader(substr($frame, 0, 24)), substr($frame, 24));
     }
@@ -165,7 +198,7 @@ final class VectorsTest extends TestCase
     public function testErrorMessageLengthMustMatch(): void
     {
         $body = pack('vvV', 1, 0, 10) . 'short';
-        $frame = Wire::encodeFrame(Wire::ERROR, 1, $body);
+        $frame = Wire::encodeFrame(FrameType::ERROR, 1, $body);
         $this->expectException(ProtocolException::class);
         Wire::decodeBody(Wire::decodeHeader(substr($frame, 0, 24)), substr($frame, 24));
     }

@@ -64,7 +64,7 @@ def test_model_errors_and_unknown_models_are_per_item(server) -> None:
                                                           {"x": {"dtype": "INT8", "values": [2]}}]},
         {"op": "infer_batch", "model": "nope", "inputs": [{"x": {"dtype": "INT8", "values": [1]}}]},
     ]})
-    assert [i["error"] for i in fail["batch"]] == ["ServerException"] * 2
+    assert [i["error"] for i in fail["batch"]] == ["ModelException"] * 2
     assert "always fails" in fail["batch"][1]["message"]
     assert missing["batch"][0]["error"] == "ModelNotFoundException"
 
@@ -129,7 +129,7 @@ def test_a_failing_item_in_a_merged_model_call_fails_alone(make_server, tmp_path
             {"x": {"dtype": "FP32", "values": _rows(1, i, fail=i == 3)}} for i in range(6)]}]})
     for i, item in enumerate(r["batch"]):
         if i == 3:
-            assert item["error"] == "ServerException" and "negative" in item["message"]
+            assert item["error"] == "ModelException" and "negative" in item["message"]
         else:
             assert item["value"]["y"]["values"] == [[2 * v + 1 for v in row]
                                                     for row in _rows(1, i)], i

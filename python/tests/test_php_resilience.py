@@ -101,6 +101,7 @@ def test_consecutive_timeouts_open_the_breaker_too(server) -> None:
                                       "breaker_threshold": 2, "breaker_cooldown": 30,
                                       "calls": [slow, slow, {"op": "ping"}, {"op": "breaker"}]})
     assert first["error"] == second["error"] == "TimeoutException"
+    assert first["deadline"] == second["deadline"] == "client"
     assert fast["error"] == "CircuitOpenException" and "timed out" in fast["message"]
     assert state["state"] == "open"
 

@@ -4,6 +4,8 @@ declare(strict_types=1);
 
 namespace TensorBridge\Exception;
 
+use TensorBridge\ErrorCode;
+
 /**
  * Thrown when no model of the requested name is loaded on the server (MODEL_NOT_FOUND).
  */
@@ -15,7 +17,7 @@ final class ModelNotFoundException extends TensorBridgeException
     public function __construct(
         string $message,
         private readonly string $modelName,
-        ?string $errorCode = 'MODEL_NOT_FOUND',
+        ErrorCode|string|null $errorCode = ErrorCode::MODEL_NOT_FOUND,
         ?\Throwable $previous = null,
     ) {
         parent::__construct($message, $errorCode, $previous);

@@ -4,20 +4,26 @@ declare(strict_types=1);
 
 namespace TensorBridge\Exception;
 
+use TensorBridge\ErrorCode;
+
 /**
  * Base class of every exception thrown by the TensorBridge client.
  */
 class TensorBridgeException extends \RuntimeException
 {
+    private readonly ?ErrorCode $protocolCode;
+
     /**
-     * @param string|null $errorCode the spec error name (e.g. 'MODEL_NOT_FOUND') when the server sent an ERROR frame
+     * @param ErrorCode|string|null $errorCode the server's error code (spec §7), as the enum or its
+     *        name ('MODEL_NOT_FOUND'), when the server sent an ERROR frame; null for client-side conditions
      */
     public function __construct(
         string $message = '',
-        private readonly ?string $errorCode = null,
+        ErrorCode|string|null $errorCode = null,
         ?\Throwable $previous = null,
     ) {
-        parent::__construct($message, self::numericCode($errorCode), $previous);
+        $this->protocolCode = is_string($errorCode) ? ErrorCode::tryFromName($errorCode) : $errorCode;
+        parent::__construct($message, $this->protocolCode->value ?? 0, $previous);
     }
 
     /**
@@ -25,22 +31,14 @@ class TensorBridgeException extends \RuntimeException
      */
     public function getErrorCode(): ?string
     {
-        return $this->errorCode;
+        return $this->protocolCode?->name;
     }
 
-    private static function numericCode(?string $name): int
+    /**
+     * The protocol error code as the enum, or null for client-side conditions.
+     */
+    public function errorCode(): ?ErrorCode
     {
-        return match ($name) {
-            'MODEL_NOT_FOUND' => 1,
-            'INVALID_INPUT' => 2,
-            'PAYLOAD_TOO_LARGE' => 3,
-            'DEADLINE_EXCEEDED' => 4,
-            'OVERLOADED' => 5,
-            'MODEL_ERROR' => 6,
-            'PROTOCOL_ERROR' => 7,
-            'UNAUTHORIZED' => 8,
-            'INTERNAL' => 9,
-            default => 0,
-        };
+        return $this->protocolCode;
     }
 }

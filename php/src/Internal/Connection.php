@@ -205,7 +205,7 @@ final class Connection
      */
     public function readFrame(int $deadline, int $spinMicros = 0): array
     {
-        $raw = $this->readExact(Wire::HEADER_SIZE, $deadline, $spinMicros, false);
+        $raw = $this->readExact(Spec::HEADER_SIZE, $deadline, $spinMicros, false);
         try {
             $header = Wire::decodeHeader($raw);
         } catch (ProtocolException $e) {
@@ -249,7 +249,7 @@ final class Connection
                 throw $this->ioError(0);
             }
             $fd = $msg['control'][0]['data'][0] ?? null;
-            if (($msg['iov'][0] ?? null) !== Wire::FD_CARRIER || !is_resource($fd)) {
+            if (($msg['iov'][0] ?? null) !== chr(Spec::FD_CARRIER) || !is_resource($fd)) {
                 $this->drop();
                 throw new ProtocolException('ATTACH_OK was not followed by the fd carrier byte with a descriptor');
             }

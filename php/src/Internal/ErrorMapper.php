@@ -4,14 +4,17 @@ declare(strict_types=1);
 
 namespace TensorBridge\Internal;
 
+use TensorBridge\ErrorCode;
+use TensorBridge\Exception\DeadlineExceededException;
+use TensorBridge\Exception\InternalException;
 use TensorBridge\Exception\InvalidInputException;
+use TensorBridge\Exception\ModelException;
 use TensorBridge\Exception\ModelNotFoundException;
 use TensorBridge\Exception\OverloadedException;
 use TensorBridge\Exception\PayloadTooLargeException;
 use TensorBridge\Exception\ProtocolException;
 use TensorBridge\Exception\ServerException;
 use TensorBridge\Exception\TensorBridgeException;
-use TensorBridge\Exception\TimeoutException;
 use TensorBridge\Exception\UnauthorizedException;
 
 /**
@@ -21,24 +24,12 @@ use TensorBridge\Exception\UnauthorizedException;
  */
 final class ErrorMapper
 {
-    public const NAMES = [
-        1 => 'MODEL_NOT_FOUND',
-        2 => 'INVALID_INPUT',
-        3 => 'PAYLOAD_TOO_LARGE',
-        4 => 'DEADLINE_EXCEEDED',
-        5 => 'OVERLOADED',
-        6 => 'MODEL_ERROR',
-        7 => 'PROTOCOL_ERROR',
-        8 => 'UNAUTHORIZED',
-        9 => 'INTERNAL',
-    ];
-
     /**
      * Whether the server closes the connection after sending this error.
      */
     public static function closesConnection(ErrorReply $error): bool
     {
-        return $error->code === 7 || $error->code === 8;
+        return ErrorCode::tryFrom($error->code)?->closesConnection() ?? false;
     }
 
     /**
@@ -49,37 +40,39 @@ final class ErrorMapper
      */
     public static function toException(ErrorReply $error, string $model, float $timeout): TensorBridgeException
     {
-        $name = self::NAMES[$error->code] ?? null;
+        $code = ErrorCode::tryFrom($error->code);
         $msg = $error->message;
-        return match ($error->code) {
-            1 => new ModelNotFoundException(
+        return match ($code) {
+            ErrorCode::MODEL_NOT_FOUND => new ModelNotFoundException(
                 sprintf('model "%s" is not loaded on the server: %s', $model, $msg),
                 $model,
-                $name,
             ),
-            2 => new InvalidInputException('invalid input: ' . $msg, $name),
-            3 => new PayloadTooLargeException('payload too large: ' . $msg, $name),
-            4 => new TimeoutException(
+            ErrorCode::INVALID_INPUT => new InvalidInputException('invalid input: ' . $msg, $code),
+            ErrorCode::PAYLOAD_TOO_LARGE => new PayloadTooLargeException('payload too large: ' . $msg, $code),
+            ErrorCode::DEADLINE_EXCEEDED => new DeadlineExceededException(
                 sprintf(
-                    'the server dropped the request: its deadline (%.3f s) passed before the model ran: %s',
+                    'the server dropped the request unrun (DEADLINE_EXCEEDED): its deadline (%.3f s) passed'
+                    . ' before the model ran: %s. Raise the timeout or check the server load.',
                     $timeout,
                     $msg,
                 ),
                 $timeout,
-                $name,
             ),
-            5 => new OverloadedException(
+            ErrorCode::OVERLOADED => new OverloadedException(
                 sprintf('model "%s" is overloaded (its queue is full), retry later: %s', $model, $msg),
-                $name,
+                $code,
             ),
-            6 => new ServerException(sprintf('model "%s" raised: %s', $model, $msg), $name),
-            7 => new ProtocolException('the server rejected a frame (protocol error): ' . $msg, $name),
-            8 => new UnauthorizedException(
+            ErrorCode::MODEL_ERROR => new ModelException(sprintf('model "%s" raised: %s', $model, $msg)),
+            ErrorCode::PROTOCOL_ERROR => new ProtocolException(
+                'the server rejected a frame (protocol error): ' . $msg,
+                $code,
+            ),
+            ErrorCode::UNAUTHORIZED => new UnauthorizedException(
                 'the server refused this process (UNAUTHORIZED); check its --allow-uid setting: ' . $msg,
-                $name,
+                $code,
             ),
-            9 => new ServerException('internal server error: ' . $msg, $name),
-            default => new ServerException(sprintf('server error code %d: %s', $error->code, $msg), null),
+            ErrorCode::INTERNAL => new InternalException('internal server error: ' . $msg),
+            null => new ServerException(sprintf('server error code %d: %s', $error->code, $msg)),
         };
     }
 }

@@ -17,7 +17,6 @@ use TensorBridge\Exception\TensorBridgeException;
  */
 final class TensorCodec
 {
-    public const MAX_DIMS = 8;
 
     private const PACK = [
         1 => 'C*', 2 => 'C*', 3 => 'c*', 4 => 's*', 5 => 'l*', 6 => 'q*', 8 => 'g*', 9 => 'e*',
@@ -72,10 +71,10 @@ final class TensorCodec
                 }
             }
             $shape[] = $n;
-            if (count($shape) > self::MAX_DIMS) {
+            if (count($shape) > Spec::MAX_DIMS) {
                 throw new InvalidInputException(sprintf(
                     'array has more than %d dimensions (the protocol maximum)',
-                    self::MAX_DIMS,
+                    Spec::MAX_DIMS,
                 ));
             }
             // One row (a 1-D list, or the last level of [[...]]): use it as is, no copy.
@@ -229,11 +228,11 @@ final class TensorCodec
         if (!array_is_list($shape)) {
             throw new InvalidInputException('shape must be a list of integers');
         }
-        if (count($shape) > self::MAX_DIMS) {
+        if (count($shape) > Spec::MAX_DIMS) {
             throw new InvalidInputException(sprintf(
                 'shape has %d dimensions; the protocol maximum is %d',
                 count($shape),
-                self::MAX_DIMS,
+                Spec::MAX_DIMS,
             ));
         }
         $count = 1;

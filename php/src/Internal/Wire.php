@@ -17,38 +17,6 @@ use TensorBridge\Exception\ProtocolException;
  */
 final class Wire
 {
-    public const MAGIC = 0x31524254;
-    public const VERSION = 1;
-    public const HEADER_SIZE = 24;
-    public const MAX_BODY = 16777216;
-    public const FLAG_CRC = 1;
-    public const OPT_CRC = 1;
-    public const ALIGN = 64;
-    public const MAX_DIMS = 8;
-    public const FD_CARRIER = "\xFD";
-
-    public const ATTACH = 0x01;
-    public const ATTACH_OK = 0x81;
-    public const PING = 0x02;
-    public const PONG = 0x82;
-    public const MODELS = 0x03;
-    public const MODELS_OK = 0x83;
-    public const INFER = 0x04;
-    public const INFER_OK = 0x84;
-    public const ADMIN = 0x05;
-    public const ADMIN_OK = 0x85;
-    public const ERROR = 0xFF;
-    /** INFER option bits (spec §6.1): a u32 version / a u8-length routing key follow the model name */
-    public const INFER_OPT_VERSION = 0x01;
-    public const INFER_OPT_ROUTING_KEY = 0x02;
-
-    public const TYPE_NAMES = [
-        self::ATTACH => 'ATTACH', self::ATTACH_OK => 'ATTACH_OK', self::PING => 'PING', self::PONG => 'PONG',
-        self::MODELS => 'MODELS', self::MODELS_OK => 'MODELS_OK', self::INFER => 'INFER',
-        self::INFER_OK => 'INFER_OK', self::ADMIN => 'ADMIN', self::ADMIN_OK => 'ADMIN_OK',
-        self::ERROR => 'ERROR',
-    ];
-
     private const DESCRIPTOR_SIZE = 32;
     /** INFER_OK fixed part: n_outputs, batch_size, queue_us, compute_us, preprocess_us, version (spec §6.2) */
     private const INFER_OK_FIXED = 20;
@@ -67,22 +35,22 @@ final class Wire
      */
     public static function encodeFrame(int $type, int $requestId, string $body, bool $crc = false): string
     {
-        if (!isset(self::TYPE_NAMES[$type])) {
+        if (!isset(FrameType::NAMES[$type])) {
             throw new \InvalidArgumentException(sprintf('unknown frame type 0x%02X', $type));
         }
-        if (strlen($body) > self::MAX_BODY) {
+        if (strlen($body) > Spec::MAX_BODY) {
             throw new InvalidInputException(sprintf(
                 'frame body of %d bytes exceeds MAX_BODY (%d)',
                 strlen($body),
-                self::MAX_BODY,
+                Spec::MAX_BODY,
             ));
         }
         return pack(
             'VCCvPVV',
-            self::MAGIC,
-            self::VERSION,
+            Spec::MAGIC,
+            Spec::VERSION,
             $type,
-            $crc ? self::FLAG_CRC : 0,
+            $crc ? Spec::FLAG_CRC : 0,
             $requestId,
             strlen($body),
             $crc ? self::crc32c($body) : 0,
@@ -94,31 +62,35 @@ final class Wire
      */
     public static function decodeHeader(string $header): FrameHeader
     {
-        if (strlen($header) !== self::HEADER_SIZE) {
-            throw new ProtocolException(sprintf('frame header must be 24 bytes, got %d', strlen($header)));
+        if (strlen($header) !== Spec::HEADER_SIZE) {
+            throw new ProtocolException(sprintf(
+                'frame header must be %d bytes, got %d',
+                Spec::HEADER_SIZE,
+                strlen($header),
+            ));
         }
         $h = unpack('Vmagic/Cver/Ctype/vflags/Prid/Vlen/Vcrc', $header);
-        if ($h['magic'] !== self::MAGIC) {
+        if ($h['magic'] !== Spec::MAGIC) {
             throw new ProtocolException(sprintf(
                 'bad frame magic 0x%08X (expected 0x%08X "TBR1"): the peer does not speak the TensorBridge protocol',
                 $h['magic'],
-                self::MAGIC,
+                Spec::MAGIC,
             ));
         }
-        if ($h['ver'] !== self::VERSION) {
+        if ($h['ver'] !== Spec::VERSION) {
             throw new ProtocolException(sprintf('unsupported protocol version %d (this client speaks 1)', $h['ver']));
         }
-        if (!isset(self::TYPE_NAMES[$h['type']])) {
+        if (!isset(FrameType::NAMES[$h['type']])) {
             throw new ProtocolException(sprintf('unknown frame type 0x%02X', $h['type']));
         }
-        if (($h['flags'] & ~self::FLAG_CRC) !== 0) {
+        if (($h['flags'] & ~Spec::FLAG_CRC) !== 0) {
             throw new ProtocolException(sprintf('unknown frame flags 0x%04X', $h['flags']));
         }
-        if ($h['len'] > self::MAX_BODY) {
+        if ($h['len'] > Spec::MAX_BODY) {
             throw new ProtocolException(sprintf(
                 'frame body length %d exceeds MAX_BODY (%d)',
                 $h['len'],
-                self::MAX_BODY,
+                Spec::MAX_BODY,
             ));
         }
         return new FrameHeader($h['type'], $h['flags'], $h['rid'], $h['len'], $h['crc']);
@@ -143,23 +115,23 @@ final class Wire
                 $header->bodyLen,
             ));
         }
-        if (($header->flags & self::FLAG_CRC) !== 0 && self::crc32c($body) !== $header->crc) {
+        if (($header->flags & Spec::FLAG_CRC) !== 0 && self::crc32c($body) !== $header->crc) {
             throw new ProtocolException(sprintf(
                 'frame checksum mismatch for %s request %d: header says 0x%08X, body has 0x%08X',
-                self::TYPE_NAMES[$header->type] ?? '?',
+                FrameType::NAMES[$header->type] ?? '?',
                 $header->requestId,
                 $header->crc,
                 self::crc32c($body),
             ));
         }
         return match ($header->type) {
-            self::ATTACH => self::decodeAttach($body),
-            self::ATTACH_OK => self::decodeAttachOk($body),
-            self::PING, self::MODELS => self::decodeEmpty($header->type, $body),
-            self::PONG, self::MODELS_OK, self::ADMIN, self::ADMIN_OK => $body,
-            self::INFER => self::decodeInfer($body, $regionSize),
-            self::INFER_OK => self::decodeInferOk($body, $regionSize),
-            self::ERROR => self::decodeError($body),
+            FrameType::ATTACH => self::decodeAttach($body),
+            FrameType::ATTACH_OK => self::decodeAttachOk($body),
+            FrameType::PING, FrameType::MODELS => self::decodeEmpty($header->type, $body),
+            FrameType::PONG, FrameType::MODELS_OK, FrameType::ADMIN, FrameType::ADMIN_OK => $body,
+            FrameType::INFER => self::decodeInfer($body, $regionSize),
+            FrameType::INFER_OK => self::decodeInferOk($body, $regionSize),
+            FrameType::ERROR => self::decodeError($body),
             default => throw new ProtocolException(sprintf('unknown frame type 0x%02X', $header->type)),
         };
     }
@@ -173,16 +145,16 @@ final class Wire
         AttachRequest|AttachOk|InferRequest|InferResponse|ErrorReply|string|null $message,
     ): string {
         return match (true) {
-            $type === self::ATTACH && $message instanceof AttachRequest
+            $type === FrameType::ATTACH && $message instanceof AttachRequest
                 => pack('VVP', $message->options, 0, $message->minRegion),
-            $type === self::ATTACH_OK && $message instanceof AttachOk
+            $type === FrameType::ATTACH_OK && $message instanceof AttachOk
                 => pack('PPVV', $message->regionSize, $message->regionCap, $message->maxBody, 0),
-            ($type === self::PING || $type === self::MODELS) && $message === null => '',
-            in_array($type, [self::PONG, self::MODELS_OK, self::ADMIN, self::ADMIN_OK], true)
+            ($type === FrameType::PING || $type === FrameType::MODELS) && $message === null => '',
+            in_array($type, [FrameType::PONG, FrameType::MODELS_OK, FrameType::ADMIN, FrameType::ADMIN_OK], true)
                 && is_string($message) => $message,
-            $type === self::INFER && $message instanceof InferRequest => self::encodeInfer($message),
-            $type === self::INFER_OK && $message instanceof InferResponse => self::encodeInferOk($message),
-            $type === self::ERROR && $message instanceof ErrorReply
+            $type === FrameType::INFER && $message instanceof InferRequest => self::encodeInfer($message),
+            $type === FrameType::INFER_OK && $message instanceof InferResponse => self::encodeInferOk($message),
+            $type === FrameType::ERROR && $message instanceof ErrorReply
                 => pack('vvV', $message->code, 0, strlen($message->message)) . $message->message,
             default => throw new \InvalidArgumentException(sprintf(
                 'message %s does not fit frame type 0x%02X',
@@ -198,7 +170,7 @@ final class Wire
     public static function encodeDescriptor(TensorDescriptor $d): string
     {
         $ndim = count($d->shape);
-        if ($ndim > self::MAX_DIMS) {
+        if ($ndim > Spec::MAX_DIMS) {
             throw new InvalidInputException(sprintf(
                 'tensor "%s" has %d dimensions; the maximum is 8',
                 $d->name,
@@ -206,8 +178,12 @@ final class Wire
             ));
         }
         $nameLen = strlen($d->name);
-        if ($nameLen < 1 || $nameLen > 255) {
-            throw new InvalidInputException(sprintf('tensor name "%s" must be 1 to 255 bytes long', $d->name));
+        if ($nameLen < 1 || $nameLen > Spec::MAX_NAME) {
+            throw new InvalidInputException(sprintf(
+                'tensor name "%s" must be 1 to %d bytes long',
+                $d->name,
+                Spec::MAX_NAME,
+            ));
         }
         return pack(
             'CCCCvvPPVV',
@@ -227,12 +203,16 @@ final class Wire
     private static function encodeInfer(InferRequest $r): string
     {
         $modelLen = strlen($r->model);
-        if ($modelLen < 1 || $modelLen > 255) {
-            throw new InvalidInputException(sprintf('model name "%s" must be 1 to 255 bytes long', $r->model));
+        if ($modelLen < 1 || $modelLen > Spec::MAX_NAME) {
+            throw new InvalidInputException(sprintf(
+                'model name "%s" must be 1 to %d bytes long',
+                $r->model,
+                Spec::MAX_NAME,
+            ));
         }
         $n = count($r->inputs);
-        if ($n < 1 || $n > 64) {
-            throw new InvalidInputException(sprintf('a request needs 1 to 64 inputs, got %d', $n));
+        if ($n < 1 || $n > Spec::MAX_INPUTS) {
+            throw new InvalidInputException(sprintf('a request needs 1 to %d inputs, got %d', Spec::MAX_INPUTS, $n));
         }
         $options = 0;
         $optional = '';
@@ -240,7 +220,7 @@ final class Wire
             if ($r->version < 1 || $r->version > 0xFFFFFFFF) {
                 throw new InvalidInputException(sprintf('model version %d must be 1 or more', $r->version));
             }
-            $options |= self::INFER_OPT_VERSION;
+            $options |= Spec::INFER_OPT_VERSION;
             $optional .= pack('V', $r->version);
         }
         if ($r->routingKey !== null) {
@@ -248,7 +228,7 @@ final class Wire
             if ($keyLen < 1 || $keyLen > 255) {
                 throw new InvalidInputException(sprintf('a routing key must be 1 to 255 bytes long, got %d', $keyLen));
             }
-            $options |= self::INFER_OPT_ROUTING_KEY;
+            $options |= Spec::INFER_OPT_ROUTING_KEY;
             $optional .= chr($keyLen) . $r->routingKey;
         }
         $out = pack('VvCCPP', $r->timeoutUs, $modelLen, $n, $options, $r->outOffset, $r->outCapacity)
@@ -281,7 +261,7 @@ final class Wire
         if ($body !== '') {
             throw new ProtocolException(sprintf(
                 '%s frame must have an empty body, got %d bytes',
-                self::TYPE_NAMES[$type],
+                FrameType::NAMES[$type],
                 strlen($body),
             ));
         }
@@ -292,7 +272,7 @@ final class Wire
     {
         self::expectLength('ATTACH', $body, 16);
         $b = unpack('Vopt/Vres/Pmin', $body);
-        if (($b['opt'] & ~self::OPT_CRC) !== 0) {
+        if (($b['opt'] & ~Spec::OPT_CRC) !== 0) {
             throw new ProtocolException(sprintf('ATTACH has unknown option bits 0x%08X', $b['opt']));
         }
         self::expectZero('ATTACH reserved field', $b['res']);
@@ -334,14 +314,14 @@ final class Wire
             throw new ProtocolException(sprintf('INFER body must be at least 24 bytes, got %d', $len));
         }
         $b = unpack('Vtimeout/vmodel_len/Cn/Copt/Pout_off/Pout_cap', $body);
-        if (($b['opt'] & ~(self::INFER_OPT_VERSION | self::INFER_OPT_ROUTING_KEY)) !== 0) {
+        if (($b['opt'] & ~(Spec::INFER_OPT_VERSION | Spec::INFER_OPT_ROUTING_KEY)) !== 0) {
             throw new ProtocolException(sprintf('INFER has unknown option bits 0x%02X', $b['opt']));
         }
-        if ($b['model_len'] < 1 || $b['model_len'] > 255) {
-            throw new ProtocolException(sprintf('INFER model_len %d is not in 1..255', $b['model_len']));
+        if ($b['model_len'] < 1 || $b['model_len'] > Spec::MAX_NAME) {
+            throw new ProtocolException(sprintf('INFER model_len %d is not in 1..%d', $b['model_len'], Spec::MAX_NAME));
         }
-        if ($b['n'] < 1 || $b['n'] > 64) {
-            throw new ProtocolException(sprintf('INFER n_inputs %d is not in 1..64', $b['n']));
+        if ($b['n'] < 1 || $b['n'] > Spec::MAX_INPUTS) {
+            throw new ProtocolException(sprintf('INFER n_inputs %d is not in 1..%d', $b['n'], Spec::MAX_INPUTS));
         }
         self::checkArea('INFER output area', $b['out_off'], $b['out_cap'], $regionSize);
         if ($len < 24 + $b['model_len']) {
@@ -352,7 +332,7 @@ final class Wire
         $pos = 24 + $b['model_len'];
         $version = null;
         $routingKey = null;
-        if (($b['opt'] & self::INFER_OPT_VERSION) !== 0) {
+        if (($b['opt'] & Spec::INFER_OPT_VERSION) !== 0) {
             if ($len - $pos < 4) {
                 throw new ProtocolException('INFER body is truncated inside the model version');
             }
@@ -362,7 +342,7 @@ final class Wire
                 throw new ProtocolException('INFER asks for model version 0; versions start at 1');
             }
         }
-        if (($b['opt'] & self::INFER_OPT_ROUTING_KEY) !== 0) {
+        if (($b['opt'] & Spec::INFER_OPT_ROUTING_KEY) !== 0) {
             $keyLen = $len > $pos ? ord($body[$pos]) : -1;
             if ($keyLen < 1 || $len - $pos - 1 < $keyLen) {
                 throw new ProtocolException('INFER routing key is empty or truncated');
@@ -431,21 +411,28 @@ final class Wire
                     $d['dtype'],
                 ));
             }
-            if ($d['ndim'] > self::MAX_DIMS) {
-                throw new ProtocolException(sprintf('%s descriptor %d has %d dims (max 8)', $what, $i, $d['ndim']));
+            if ($d['ndim'] > Spec::MAX_DIMS) {
+                throw new ProtocolException(sprintf(
+                    '%s descriptor %d has %d dims (max %d)',
+                    $what,
+                    $i,
+                    $d['ndim'],
+                    Spec::MAX_DIMS,
+                ));
             }
-            if ($d['loc'] > 1) {
+            if ($d['loc'] !== Spec::LOCATION_REGION && $d['loc'] !== Spec::LOCATION_INLINE) {
                 throw new ProtocolException(sprintf('%s descriptor %d has unknown location %d', $what, $i, $d['loc']));
             }
             if ($d['res'] !== 0 || $d['res2'] !== 0 || $d['res3'] !== 0) {
                 throw new ProtocolException(sprintf('%s descriptor %d has non-zero reserved fields', $what, $i));
             }
-            if ($d['name_len'] < 1 || $d['name_len'] > 255) {
+            if ($d['name_len'] < 1 || $d['name_len'] > Spec::MAX_NAME) {
                 throw new ProtocolException(sprintf(
-                    '%s descriptor %d name_len %d is not in 1..255',
+                    '%s descriptor %d name_len %d is not in 1..%d',
                     $what,
                     $i,
                     $d['name_len'],
+                    Spec::MAX_NAME,
                 ));
             }
             self::expectNonNegative("$what descriptor $i offset", $d['off']);
@@ -505,7 +492,7 @@ final class Wire
                     $d->nbytes,
                 ));
             }
-            if ($d->location === 1) {
+            if ($d->location === Spec::LOCATION_INLINE) {
                 if ($d->offset > strlen($inline) || $d->nbytes > strlen($inline) - $d->offset) {
                     throw new ProtocolException(sprintf(
                         '%s "%s": inline bytes [%d, +%d) lie outside the %d bytes of inline data',
@@ -517,12 +504,13 @@ final class Wire
                     ));
                 }
             } else {
-                if ($d->offset % self::ALIGN !== 0) {
+                if ($d->offset % Spec::ALIGN !== 0) {
                     throw new ProtocolException(sprintf(
-                        '%s "%s": region offset %d is not a multiple of 64',
+                        '%s "%s": region offset %d is not a multiple of %d',
                         $what,
                         $d->name,
                         $d->offset,
+                        Spec::ALIGN,
                     ));
                 }
                 if ($regionSize !== null && ($d->offset > $regionSize || $d->nbytes > $regionSize - $d->offset)) {
@@ -543,8 +531,8 @@ final class Wire
     {
         self::expectNonNegative("$what offset", $offset);
         self::expectNonNegative("$what capacity", $capacity);
-        if ($offset % self::ALIGN !== 0) {
-            throw new ProtocolException(sprintf('%s offset %d is not a multiple of 64', $what, $offset));
+        if ($offset % Spec::ALIGN !== 0) {
+            throw new ProtocolException(sprintf('%s offset %d is not a multiple of %d', $what, $offset, Spec::ALIGN));
         }
         if ($regionSize !== null && ($offset > $regionSize || $capacity > $regionSize - $offset)) {
             throw new ProtocolException(sprintf(

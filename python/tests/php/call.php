@@ -52,8 +52,12 @@ function tensorIn(array $spec): Tensor|array
 
 function errorOut(Throwable $e): array
 {
-    return ['error' => (new ReflectionClass($e))->getShortName(), 'message' => $e->getMessage(),
+    $out = ['error' => (new ReflectionClass($e))->getShortName(), 'message' => $e->getMessage(),
         'is_base' => $e instanceof \TensorBridge\Exception\TensorBridgeException];
+    if ($e instanceof \TensorBridge\Exception\TimeoutException) {
+        $out['deadline'] = $e->isServerDeadline() ? 'server' : 'client';
+    }
+    return $out;
 }
 
 /**

@@ -1,0 +1,276 @@
+<?php
+
+declare(strict_types=1);
+
+namespace TensorBridge\Internal;
+
+use TensorBridge\Exception\ConnectionException;
+use TensorBridge\Exception\PayloadTooLargeException;
+use TensorBridge\Exception\ProtocolException;
+use TensorBridge\Exception\TensorBridgeException;
+use TensorBridge\Exception\TimeoutException;
+use TensorBridge\Exception\UnauthorizedException;
+use TensorBridge\Tensor;
+use TensorBridge\Transport\Deadline;
+use TensorBridge\Transport\Replies;
+use TensorBridge\Transport\Reply;
+
+/**
+ * Sends groups of INFER requests on one session, pipelined (spec §8): all inputs are written and
+ * all requests sent before the replies are read. Requests that do not fit in the region together
+ * go in several rounds. A request that was sent is never re-sent; each one gets its own answer
+ * or the reason it has none.
+ *
+ * @internal
+ */
+final class Pipeline
+{
+    /** the largest timeout_us an INFER carries (u32, spec §6.1) */
+    private const MAX_TIMEOUT_US = 4294967295;
+
+    public function __construct(private readonly Session $session)
+    {
+    }
+
+    /**
+     * Runs the requests in as few pipelined rounds as the region allows.
+     *
+     * @template K of array-key
+     * @param array<K, array<string, Tensor>> $requests not empty
+     * @return Replies<K>
+     * @throws TensorBridgeException when nothing could be sent
+     */
+    public function run(string $model, array $requests, Deadline $deadline, ?ModelIndex $index): Replies
+    {
+        $single = count($requests) === 1;
+        $items = [];
+        $failure = null;
+        try {
+            foreach ($this->chunks($model, $requests, $deadline, $index, $single) as $chunk) {
+                $keys = array_keys($chunk);
+                if ($failure !== null) {
+                    foreach ($keys as $key) {
+                        $items[$key] = self::notSent($failure, $key);
+                    }
+                    continue;
+                }
+                try {
+                    [$answers, $failure] = $this->pipeline($model, array_values($chunk), $deadline, $index, $single);
+                } catch (PayloadTooLargeException $e) {
+                    // Raised before anything of this chunk was sent (a chunk this large holds one
+                    // item): that item's own problem, so the later chunks still run.
+                    foreach ($keys as $key) {
+                        $items[$key] = $e;
+                    }
+                    continue;
+                }
+                foreach ($keys as $i => $key) {
+                    $items[$key] = $answers[$i] ?? self::unanswered($failure, $key, $model);
+                }
+            }
+        } catch (TensorBridgeException $e) {
+            if ($items === []) {
+                throw $e; // nothing was sent: the caller may retry it all
+            }
+            // a later round could not even start (cannot reconnect or attach): those items were not sent
+            foreach ($requests as $key => $_) {
+                $items[$key] ??= $e;
+            }
+            $failure = $e;
+        }
+        $ordered = [];
+        foreach ($requests as $key => $_) {
+            $ordered[$key] = $items[$key];
+        }
+        return new Replies($ordered, $failure);
+    }
+
+    /**
+     * Splits requests into groups whose region footprint fits the region (each group is one pipeline).
+     *
+     * @template K of array-key
+     * @param array<K, array<string, Tensor>> $requests
+     * @return list<array<K, array<string, Tensor>>>
+     */
+    private function chunks(string $model, array $requests, Deadline $deadline, ?ModelIndex $index, bool $single): array
+    {
+        if ($single) {
+            return [$requests];
+        }
+        $limit = max($this->session->region($deadline)->size, $this->session->regionCap());
+        $chunks = [];
+        $chunk = [];
+        $chunkBytes = 0;
+        foreach ($requests as $key => $tensors) {
+            $bytes = RequestLayout::inputBytes($tensors) + $this->outputArea($model, $tensors, $index, false);
+            if ($chunk !== [] && $chunkBytes + $bytes > $limit) {
+                $chunks[] = $chunk;
+                $chunk = [];
+                $chunkBytes = 0;
+            }
+            $chunk[$key] = $tensors;
+            $chunkBytes += $bytes;
+        }
+        $chunks[] = $chunk;
+        return $chunks;
+    }
+
+    /**
+     * @param array<string, Tensor> $tensors
+     */
+    private function outputArea(string $model, array $tensors, ?ModelIndex $index, bool $single): int
+    {
+        return RequestLayout::outputArea(
+            $index?->outputBytes($model, $tensors),
+            $tensors,
+            $single,
+            $this->session->regionCap(),
+        );
+    }
+
+    /**
+     * Lays out, sends and collects one pipeline of INFER requests.
+     *
+     * Returns every answer read (a Reply, or the server's error for that request) by request index,
+     * and the failure that ended the pipeline early (connection lost, framing lost, deadline passed),
+     * after which the remaining requests have no answer. Such requests were sent and may have run;
+     * they are never re-sent. Throws only when nothing was sent.
+     *
+     * @param list<array<string, Tensor>> $requests
+     * @return array{0: array<int, Reply|TensorBridgeException>, 1: TensorBridgeException|null}
+     */
+    private function pipeline(
+        string $model,
+        array $requests,
+        Deadline $deadline,
+        ?ModelIndex $index,
+        bool $single,
+    ): array
+    {
+        $need = 0;
+        $outAreas = [];
+        foreach ($requests as $i => $tensors) {
+            $outAreas[$i] = $this->outputArea($model, $tensors, $index, $single);
+            $need += RequestLayout::inputBytes($tensors) + $outAreas[$i];
+        }
+        $session = $this->session;
+        $base = $session->allocate($need, $deadline);
+        $region = $session->region($deadline);
+        $plans = RequestLayout::place($region, $base, $requests, $outAreas, $session->nextId(...), $session->checksums);
+
+        $timeoutUs = (int) max(1, min(self::MAX_TIMEOUT_US, intdiv($deadline->remainingNs(), 1000)));
+        $frames = '';
+        foreach ($plans as $plan) {
+            $request = new InferRequest($timeoutUs, $model, $plan->outOffset, $plan->outCapacity, $plan->inputs);
+            $body = Wire::encodeBody(FrameType::INFER, $request);
+            $frames .= Wire::encodeFrame(FrameType::INFER, $plan->id, $body, $session->checksums);
+        }
+        $conn = $session->connection($deadline);
+        try {
+            $conn->send($frames, $deadline->at);
+        } catch (TimeoutException $e) {
+            if ($conn->isOpen()) {
+                throw $e; // not a byte was sent: the connection is intact and nothing is in flight
+            }
+            return [[], self::inFlight($e, $model, count($plans))];
+        } catch (ConnectionException $e) {
+            return [[], self::inFlight($e, $model, count($plans))];
+        }
+
+        $answers = [];
+        foreach ($plans as $k => $plan) {
+            try {
+                $reply = $session->awaitReply($plan->id, $deadline, $model);
+                if (!$reply instanceof InferResponse) {
+                    throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
+                }
+                $timing = [
+                    'queue_us' => $reply->queueUs,
+                    'compute_us' => $reply->computeUs,
+                    'preprocess_us' => $reply->preprocessUs,
+                    'batch_size' => $reply->batchSize,
+                ];
+                $outputs = RequestLayout::readOutputs($reply, $plan, $region, $session->checksums);
+                $answers[$k] = new Reply($outputs, $timing);
+            } catch (TensorBridgeException $e) {
+                if ($e->errorCode() !== null && $conn->isOpen()) {
+                    $answers[$k] = $e; // the server's answer to this request; the others carry on
+                    continue;
+                }
+                if ($e instanceof TimeoutException && $conn->isOpen()) {
+                    $late = [];
+                    foreach (array_slice($plans, $k) as $plan) {
+                        $late[$plan->id] = [$plan->start, $plan->end];
+                    }
+                    $session->abandon($late);
+                    return [$answers, new TimeoutException(sprintf(
+                        'inference on model "%s" timed out after %.3f s (the client\'s own deadline);'
+                        . ' the server may still finish it (its late reply will be discarded).'
+                        . ' Raise the timeout or check the server load.',
+                        $model,
+                        $deadline->timeout,
+                    ), $deadline->timeout, null, $e)];
+                }
+                if ($e instanceof ConnectionException && !$e instanceof UnauthorizedException) {
+                    return [$answers, self::inFlight($e, $model, count($plans) - $k)];
+                }
+                return [$answers, $e];
+            }
+        }
+        return [$answers, null];
+    }
+
+    /**
+     * A connection failure while requests were in flight: says that they were not re-sent.
+     */
+    private static function inFlight(TensorBridgeException $e, string $model, int $count): ConnectionException
+    {
+        return new ConnectionException(sprintf(
+            '%s while %s to model "%s" %s in flight. %s not re-sent (%s may have run);'
+            . ' retry only if running it twice is harmless.',
+            rtrim($e->getMessage(), '.'),
+            $count === 1 ? 'a request' : $count . ' requests',
+            $model,
+            $count === 1 ? 'was' : 'were',
+            $count === 1 ? 'It was' : 'They were',
+            $count === 1 ? 'it' : 'they',
+        ), $e->errorCode(), $e);
+    }
+
+    /**
+     * The error of a batch item that was sent but not answered (the connection failed or the deadline passed).
+     */
+    private static function unanswered(
+        ?TensorBridgeException $failure,
+        int|string $key,
+        string $model,
+    ): TensorBridgeException {
+        $failure ??= new ProtocolException(sprintf('model "%s" did not answer batch item %s', $model, $key));
+        $message = sprintf(
+            'batch item %s was sent but not answered: %s',
+            var_export($key, true),
+            $failure->getMessage(),
+        );
+        return match (true) {
+            $failure instanceof TimeoutException
+                => new TimeoutException($message, $failure->getTimeout(), null, $failure),
+            $failure instanceof ConnectionException => new ConnectionException($message, null, $failure),
+            default => new ProtocolException($message, null, $failure),
+        };
+    }
+
+    /**
+     * The error of a batch item that was never sent because the batch failed earlier.
+     */
+    private static function notSent(TensorBridgeException $failure, int|string $key): TensorBridgeException
+    {
+        $message = sprintf(
+            'batch item %s was not sent (safe to retry): an earlier part of the batch failed: %s',
+            var_export($key, true),
+            $failure->getMessage(),
+        );
+        return $failure instanceof TimeoutException
+            ? new TimeoutException($message, $failure->getTimeout(), null, $failure)
+            : new ConnectionException($message, null, $failure);
+    }
+}

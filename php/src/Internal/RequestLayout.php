@@ -1,0 +1,154 @@
+<?php
+
+declare(strict_types=1);
+
+namespace TensorBridge\Internal;
+
+use TensorBridge\Exception\InvalidInputException;
+use TensorBridge\Exception\ProtocolException;
+use TensorBridge\Tensor;
+
+/**
+ * How requests are laid out in the region (spec §5.2): each request's inputs, 64-byte aligned,
+ * then its output area; and how outputs are read back, checked against that area.
+ *
+ * @internal
+ */
+final class RequestLayout
+{
+    /** output area offered to a single request whose output size the signature does not give */
+    private const UNKNOWN_OUTPUT_SINGLE = 262144;
+    /** the same for each request of a pipeline (outputs that do not fit come back inline) */
+    private const UNKNOWN_OUTPUT_PIPELINED = 65536;
+
+    /**
+     * $n rounded up to the region alignment.
+     */
+    public static function align(int $n): int
+    {
+        return ($n + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1);
+    }
+
+    /**
+     * Region bytes the request's inputs take, each aligned.
+     *
+     * @param array<string, Tensor> $tensors
+     */
+    public static function inputBytes(array $tensors): int
+    {
+        $in = 0;
+        foreach ($tensors as $t) {
+            $in += self::align($t->nbytes());
+        }
+        return $in;
+    }
+
+    /**
+     * The output area to offer: exact when the signature tells ($known), else a bounded guess.
+     * It is bounded rather than "the rest of the region" so that a timed-out request does not
+     * keep the whole region busy.
+     *
+     * @param array<string, Tensor> $tensors
+     * @param int $regionCap the largest region the server attaches (0 = not known)
+     */
+    public static function outputArea(?int $known, array $tensors, bool $single, int $regionCap): int
+    {
+        if ($known !== null) {
+            return $known;
+        }
+        $in = self::inputBytes($tensors);
+        $out = max($in, $single ? self::UNKNOWN_OUTPUT_SINGLE : self::UNKNOWN_OUTPUT_PIPELINED);
+        if ($regionCap > 0 && $in + $out > $regionCap) {
+            $out = max($regionCap - $in, Spec::ALIGN);
+        }
+        return $out;
+    }
+
+    /**
+     * Writes every request's inputs into the region from $base and plans its output area.
+     *
+     * @param list<array<string, Tensor>> $requests
+     * @param list<int> $outAreas each request's output area (outputArea())
+     * @param \Closure(): int $nextId gives each request its id
+     * @return list<PlannedRequest>
+     */
+    public static function place(
+        Region $region,
+        int $base,
+        array $requests,
+        array $outAreas,
+        \Closure $nextId,
+        bool $checksums,
+    ): array {
+        $cursor = $base;
+        $plans = [];
+        foreach ($requests as $i => $tensors) {
+            $start = $cursor;
+            $descriptors = [];
+            foreach ($tensors as $name => $tensor) {
+                $bytes = $tensor->bytes();
+                $region->write($cursor, $bytes);
+                $descriptors[] = new TensorDescriptor(
+                    (string) $name,
+                    $tensor->dtypeEnum(),
+                    $tensor->shape(),
+                    Spec::LOCATION_REGION,
+                    $cursor,
+                    strlen($bytes),
+                    $checksums ? Wire::crc32c($bytes) : 0,
+                );
+                $cursor = self::align($cursor + strlen($bytes));
+            }
+            $outOffset = $cursor;
+            $capacity = min($outAreas[$i], $region->size - $outOffset);
+            $cursor = self::align($outOffset + $capacity);
+            $end = min($cursor, $region->size);
+            $plans[] = new PlannedRequest($nextId(), $start, $end, $outOffset, $capacity, $descriptors);
+        }
+        return $plans;
+    }
+
+    /**
+     * The reply's outputs as tensors, read from the request's output area or the inline bytes.
+     *
+     * @return array<string, Tensor>
+     * @throws ProtocolException when an output lies outside the area, fails its checksum or is malformed
+     */
+    public static function readOutputs(
+        InferResponse $reply,
+        PlannedRequest $plan,
+        Region $region,
+        bool $checksums,
+    ): array
+    {
+        $outputs = [];
+        $areaEnd = $plan->outOffset + $plan->outCapacity;
+        foreach ($reply->outputs as $d) {
+            if ($d->location === Spec::LOCATION_REGION) {
+                if ($d->offset < $plan->outOffset || $d->offset > $areaEnd || $d->nbytes > $areaEnd - $d->offset) {
+                    throw new ProtocolException(sprintf(
+                        'output "%s" at region bytes [%d, +%d) lies outside the output area [%d, +%d)',
+                        $d->name,
+                        $d->offset,
+                        $d->nbytes,
+                        $plan->outOffset,
+                        $plan->outCapacity,
+                    ));
+                }
+                $bytes = $region->read($d->offset, $d->nbytes);
+            } else {
+                $bytes = substr($reply->inline, $d->offset, $d->nbytes);
+            }
+            if ($checksums && Wire::crc32c($bytes) !== $d->crc32c) {
+                throw new ProtocolException(sprintf('checksum mismatch on output "%s"', $d->name));
+            }
+            try {
+                $outputs[$d->name] = Tensor::fromBytes($bytes, $d->dtype, $d->shape);
+            } catch (InvalidInputException $e) {
+                $message = sprintf('output "%s" is malformed: %s', $d->name, $e->getMessage());
+                throw new ProtocolException($message, null, $e);
+            }
+        }
+        return $outputs;
+    }
+}
