@@ -8,16 +8,26 @@ use TensorBridge\DType;
 use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\TensorBridgeException;
 
+// Imported so that the per-item checks compile to type-check opcodes instead of calls through
+// the namespace fallback (1.5 ms per 150,528 items on the development VM).
+use function array_slice;
+use function count;
+use function is_bool;
+use function is_float;
+use function is_int;
+use function is_string;
+use function pack;
+use function strlen;
+
 /**
  * Converts between PHP values and the packed little-endian tensor encoding of spec §2.
  *
- * All bulk work is done by pack()/unpack() over whole flattened arrays.
+ * All bulk work is done by pack()/unpack() over flattened arrays.
  *
  * @internal
  */
 final class TensorCodec
 {
-
     private const PACK = [
         1 => 'C*', 2 => 'C*', 3 => 'c*', 4 => 's*', 5 => 'l*', 6 => 'q*', 8 => 'g*', 9 => 'e*',
     ];
@@ -25,6 +35,13 @@ final class TensorCodec
     private const INT_RANGE = [
         2 => [0, 255], 3 => [-128, 127], 4 => [-32768, 32767], 5 => [-2147483648, 2147483647],
     ];
+
+    /**
+     * Items per pack() call. One spread of N arguments makes PHP map a fresh N x 16-byte VM stack
+     * on every call (page faults included); slices of this size reuse the stack it has, which
+     * halves the cost of packing 150,528 floats.
+     */
+    private const PACK_SLICE = 8192;
 
     private static ?bool $littleEndian = null;
 
@@ -102,9 +119,12 @@ final class TensorCodec
             case DType::BF16:
             case DType::FP32:
             case DType::FP64:
-                foreach ($flat as $k => $v) {
-                    if (!is_float($v) && !is_int($v)) {
-                        throw self::badItem($k, $v, $shape, 'a number');
+                // The common case, floats only, checked with the cheapest loop PHP has (one type
+                // check per item); anything else takes the full check, which also accepts ints.
+                foreach ($flat as $v) {
+                    if (!is_float($v)) {
+                        self::checkNumbers($flat, $shape);
+                        break;
                     }
                 }
                 break;
@@ -144,17 +164,49 @@ final class TensorCodec
                 return implode('', $parts);
         }
 
-        return self::guardedPack(static function () use ($flat, $dtype, $code): string {
-            if ($dtype === DType::FP16) {
-                $bits = unpack('q*', pack('e*', ...$flat));
-                return pack('v*', ...array_map(self::doubleBitsToHalf(...), $bits));
+        // Every item was checked above, so pack() can neither warn nor throw here.
+        if ($dtype === DType::FP16) {
+            $bits = unpack('q*', self::packSlices('e*', $flat));
+            return self::packSlices('v*', array_map(self::doubleBitsToHalf(...), $bits));
+        }
+        if ($dtype === DType::BF16) {
+            $bits = unpack('V*', self::packSlices('g*', $flat));
+            return self::packSlices('v*', array_map(self::floatBitsToBf16(...), $bits));
+        }
+        return self::packSlices(self::PACK[$code], $flat);
+    }
+
+    /**
+     * pack($format, ...$items) done PACK_SLICE items at a time.
+     *
+     * @param array<mixed> $items
+     */
+    private static function packSlices(string $format, array $items): string
+    {
+        $n = count($items);
+        if ($n <= self::PACK_SLICE) {
+            return pack($format, ...$items);
+        }
+        $parts = [];
+        for ($i = 0; $i < $n; $i += self::PACK_SLICE) {
+            $parts[] = pack($format, ...array_slice($items, $i, self::PACK_SLICE));
+        }
+        return implode('', $parts);
+    }
+
+    /**
+     * Checks that every item is a number (int or float).
+     *
+     * @param list<mixed> $flat
+     * @param list<int> $shape
+     */
+    private static function checkNumbers(array $flat, array $shape): void
+    {
+        foreach ($flat as $k => $v) {
+            if (!is_float($v) && !is_int($v)) {
+                throw self::badItem($k, $v, $shape, 'a number');
             }
-            if ($dtype === DType::BF16) {
-                $bits = unpack('V*', pack('g*', ...$flat));
-                return pack('v*', ...array_map(self::floatBitsToBf16(...), $bits));
-            }
-            return pack(self::PACK[$code], ...$flat);
-        });
+        }
     }
 
     /**
@@ -355,23 +407,6 @@ final class TensorCodec
                 'TensorBridge needs a little-endian host: PHP packs integers in machine byte order'
                 . ' and the wire format is little-endian'
             );
-        }
-    }
-
-    /**
-     * @param callable(): string $fn
-     */
-    private static function guardedPack(callable $fn): string
-    {
-        set_error_handler(static function (int $severity, string $message): bool {
-            throw new InvalidInputException('cannot pack tensor data: ' . $message);
-        });
-        try {
-            return $fn();
-        } catch (\TypeError | \ValueError $e) {
-            throw new InvalidInputException('cannot pack tensor data: ' . $e->getMessage(), null, $e);
-        } finally {
-            restore_error_handler();
         }
     }
 
