@@ -229,7 +229,7 @@ def test_kill_during_reload_restart_serves_policy_and_leaks_nothing(
                                   sys.path)})
     wait_for(lambda: (slow / "loading").exists(), "the reload to begin loading version 2")
     srv.kill()
-    assert reload.wait(30) == 1
+    assert reload.wait(30) == 3  # ExitCode.UNREACHABLE: the server went away
     assert "closed the connection" in (reload.stderr.read() if reload.stderr else "")
     # The restarted server serves what the policy says now: the newest version, 2.
     (slow / "delay").write_text("0")
