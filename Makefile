@@ -11,6 +11,8 @@ export PYTHONPATH := $(CURDIR)/python/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit composer nginx-light wrk \
   chromium chromium-driver
+# The semantic-search example (examples/search/): its database and PHP's PDO driver for it.
+APT_PACKAGES += postgresql php8.2-pgsql
 # promtool (Debian package prometheus, without its recommends) checks deploy/prometheus/; the
 # Prometheus service the package enables on a systemd host is switched off again.
 APT_TOOLS = prometheus

@@ -7,7 +7,9 @@
 #   scripts/web.sh status   what runs, exit 0 only when all three do
 #
 # Environment: TB_WEB_PORT (default 8080), TB_WEB_DIR (default .run/web), TB_WEB_MODELS
-# (space-separated NAME=SOURCE, default digits, digits-image and resnet18), PYTHON (python3).
+# (space-separated NAME=SOURCE, default digits, digits-image and resnet18), PYTHON (python3),
+# TB_SEARCH (1: also the semantic search at /search/, with PostgreSQL and the models minilm
+# and search-index; 0: the image demo only), TB_PG_DIR and TB_SEARCH_LIMIT (scripts/search.sh).
 # `make demo` runs it through scripts/demo.sh, and so does the browser test
 # (python/tests/test_web.py), on a port and in a directory of its own.
 set -euo pipefail
@@ -20,6 +22,8 @@ MODELS=${TB_WEB_MODELS:-digits=tensorbridge.models.digits:create \
 digits-image=tensorbridge.models.digits:create_image \
 resnet18=tensorbridge.models.resnet:create}
 SOCKET=$RUN/tb.sock
+SEARCH=${TB_SEARCH:-1}
+SEARCH_SH=$ROOT/scripts/search.sh
 URL="http://127.0.0.1:$PORT/"
 START_TIMEOUT=${TB_WEB_START_TIMEOUT:-300}   # seconds; ResNet-18 loads and warms up first
 # Run this checkout's package even where another copy is installed (as the Makefile does).
@@ -74,6 +78,7 @@ stop() {
   if pid=$(nginx_pid); then stop_one nginx "$pid"; fi
   if pid=$(fpm_pid); then stop_one php-fpm "$pid"; fi
   if pid=$(server_pid); then stop_one "tensorbridge server" "$pid"; fi
+  if ((SEARCH)); then "$SEARCH_SH" stop; fi
   rm -f "$RUN"/{server,php-fpm,nginx}.pid "$SOCKET" "$RUN/php-fpm.sock"
 }
 
@@ -82,12 +87,15 @@ status() {
   if pid=$(server_pid); then say "tensorbridge server: pid $pid, socket $SOCKET"; else say "tensorbridge server: not running"; ok=1; fi
   if pid=$(fpm_pid); then say "php-fpm: pid $pid"; else say "php-fpm: not running"; ok=1; fi
   if pid=$(nginx_pid); then say "nginx: pid $pid, $URL"; else say "nginx: not running"; ok=1; fi
+  if ((SEARCH)); then "$SEARCH_SH" status || ok=1; fi
   return $ok
 }
 
-render() {   # template -> file, replacing @RUN@ @PORT@ @DOCROOT@ @SOCKET@
+render() {   # template -> file, replacing @RUN@ @PORT@ @DOCROOT@ @SOCKET@ @ROOT@ @SEARCH_*@
   sed -e "s|@RUN@|$RUN|g" -e "s|@PORT@|$PORT|g" -e "s|@DOCROOT@|$ROOT/examples/web/public|g" \
-    -e "s|@SOCKET@|$SOCKET|g" "$1" >"$2"
+    -e "s|@SOCKET@|$SOCKET|g" -e "s|@ROOT@|$ROOT|g" \
+    -e "s|@SEARCH_DSN@|$("$SEARCH_SH" env TB_SEARCH_DSN)|g" \
+    -e "s|@SEARCH_VECTORS@|$("$SEARCH_SH" env TB_SEARCH_VECTORS)|g" "$1" >"$2"
 }
 
 port_free() {
@@ -154,13 +162,23 @@ start() {
   render "$ROOT/examples/web/php-fpm.conf.in" "$RUN/php-fpm.conf"
 
   for m in $MODELS; do args+=(--model "$m"); done
+  if ((SEARCH)); then   # the database first: the indexing below needs it and the server
+    "$SEARCH_SH" start || die "PostgreSQL did not start (scripts/search.sh start)"
+    "$SEARCH_SH" toml >"$RUN/search.toml"
+    args+=(--config "$RUN/search.toml")
+  fi
   say "starting the TensorBridge server on $SOCKET (log: $RUN/server.log)"
   : >"$RUN/server.log"
   # setsid: the server outlives this script and the terminal's Ctrl-C of a later command.
-  setsid "$PYTHON" -m tensorbridge serve --socket "$SOCKET" --log-level info "${args[@]}" \
+  HF_HUB_OFFLINE=1 setsid "$PYTHON" -m tensorbridge serve --socket "$SOCKET" --log-level info "${args[@]}" \
     >>"$RUN/server.log" 2>&1 </dev/null &
   echo $! >"$RUN/server.pid"
   wait_for_server "$(cat "$RUN/server.pid")"
+  if ((SEARCH)); then
+    say "indexing package descriptions for the search (scripts/search.sh index)"
+    TENSORBRIDGE_SOCKET=$SOCKET "$SEARCH_SH" index | sed 's/^/  /' \
+      || die "indexing failed (scripts/search.sh index)"
+  fi
 
   say "starting php-fpm and nginx on $URL"
   "$fpm" -R -y "$RUN/php-fpm.conf" || die "php-fpm did not start; see $RUN/php-fpm.log"
@@ -174,6 +192,7 @@ start() {
   pid=$(server_pid) || die "the TensorBridge server is gone; see $RUN/server.log"
   STARTING=0
   say "up: $URL (server pid $pid)"
+  if ((SEARCH)); then say "search: ${URL}search/"; fi
 }
 
 case ${1:-} in

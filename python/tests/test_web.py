@@ -104,7 +104,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The demo's nginx + PHP-FPM + TensorBridge server on a free port; yields the URL."""
     run = tmp_path_factory.mktemp("web")
     env = {**os.environ, "TB_WEB_DIR": str(run), "TB_WEB_PORT": str(_free_port()),
-           "TB_WEB_MODELS": MODELS}
+           "TB_WEB_MODELS": MODELS, "TB_SEARCH": "0"}  # the search has test_search.py
     shm_before = shm_snapshot()
     started = subprocess.run([str(DEMO_SH)], env=env, capture_output=True, text=True,
                              timeout=300)
