@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import socket
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -47,3 +49,48 @@ def test_key_point_is_stable_across_processes() -> None:
     # A fixed hash (not Python's salted hash()): restarts keep every user on their version.
     assert key_point(b"user-42") == 0.652098088363156
     assert 0 <= key_point(b"") < 1
+
+
+def test_split_on_a_real_server(make_server, tmp_path) -> None:
+    """10,000 calls without a key land 90/10 (within 2 points); 1,000 with one key on one
+    version; a pinned version ignores the split; metrics count each version."""
+    import torch
+    from repo_fixtures import LINEAR_CONFIG, write_config, write_version
+
+    from tensorbridge import Client
+
+    repo = tmp_path / "repo"
+    write_config(repo, "linear", LINEAR_CONFIG + 'version_policy = "all"\n'
+                 '[routing]\nsplit = { "1" = 90, "2" = 10 }\n')
+    write_version(repo, "linear", 1, 2.0, 1.0)
+    write_version(repo, "linear", 2, 3.0, 0.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = make_server(["echo=tensorbridge.models.testing:echo"],
+                      ["--repository", str(repo), "--warmup", "0", "--metrics-port", str(port)])
+    x = {"x": torch.tensor([[5.0]])}
+    answers = {1: 11.0, 2: 15.0}
+    with Client(srv.socket, timeout=5) as client:
+
+        def call(**kwargs) -> int:
+            y = client.infer("linear", x, **kwargs)["y"].item()
+            assert y == answers[client.last_version]  # the version named is the one that ran
+            return client.last_version
+
+        unkeyed = Counter(call() for _ in range(10_000))
+        keyed = Counter(call(routing_key="user-42") for _ in range(1_000))
+        pinned = Counter(call(version=2, routing_key="user-42") for _ in range(100))
+        (listed,) = client.admin("list", "linear")
+    share = unkeyed[1] / 10_000
+    print(f"split 90/10: version 1 got {share:.2%} of 10,000 unkeyed calls")
+    assert abs(share - 0.90) <= 0.02, unkeyed
+    assert len(keyed) == 1 and sum(keyed.values()) == 1_000, keyed
+    assert pinned == {2: 100}
+    assert listed["routing"] == {"1": 90, "2": 10}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for version, count in (unkeyed + keyed + pinned).items():
+        assert (f'tensorbridge_model_version_requests_total{{model="linear",status="ok",'
+                f'version="{version}"}} {float(count)}') in text
+    assert 'tensorbridge_model_version_ready{model="linear",version="2"} 1.0' in text

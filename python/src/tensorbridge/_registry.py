@@ -265,10 +265,13 @@ class Registry:
     # -- lifecycle -----------------------------------------------------------------------
 
     def load_all(self) -> None:
-        """Load every model at start; the first failure raises ``ModelError``."""
+        """Load every model at start; the first failure raises ``ValueError`` naming it."""
         for i, name in enumerate(sorted(self._entries), 1):
             log.info("model %d/%d", i, len(self._entries))
-            self.load(name)
+            try:
+                self.load(name)
+            except ModelError as exc:  # at start a model that cannot load is a config error
+                raise ValueError(str(exc)) from None
 
     def admin(self, command: str, name: str | None) -> dict[str, Any]:
         """One ADMIN command (spec §11) -> the ADMIN_OK body."""
