@@ -18,6 +18,7 @@ extra wake-up per request (~100 µs of server CPU at one client).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -105,6 +106,10 @@ class Server:
                 torch.set_num_threads(threads)
                 log.info("%d instances of a model: %d torch thread(s) each", most, threads)
         self.registry.load_all()
+        # What exists now (torch, the startup models) lives as long as the server: a full
+        # collection need not scan it. Without this, the collection that frees an unloaded
+        # version walks ~170k objects holding the GIL: 190 ms of stalled requests (S9).
+        gc.freeze()
 
     def start(self) -> None:
         """Bind the socket and start serving in background threads."""
