@@ -91,11 +91,18 @@ class ServerProcess:
                 self.proc.wait()
 
 
+#: /dev/shm entries of programs other tests run at the same time (pytest-xdist): Chromium's
+#: renderer memory and PostgreSQL's dynamic shared memory. TensorBridge itself never creates a
+#: named entry (its regions are memfds), so anything else that appears is a leak.
+_FOREIGN_SHM = (".org.chromium.", "PostgreSQL.")
+
+
 def shm_snapshot() -> tuple[list[str], str]:
-    """What /dev/shm and ``ipcs -m`` hold now."""
+    """What /dev/shm and ``ipcs -m`` hold now (other than _FOREIGN_SHM and PostgreSQL's)."""
     segs = subprocess.run(["ipcs", "-m"], capture_output=True, text=True).stdout
-    segs = "\n".join(line for line in segs.splitlines() if line[:2] == "0x")
-    return sorted(os.listdir("/dev/shm")), segs
+    segs = "\n".join(line for line in segs.splitlines()
+                     if line[:2] == "0x" and " postgres " not in line)
+    return sorted(n for n in os.listdir("/dev/shm") if not n.startswith(_FOREIGN_SHM)), segs
 
 
 @pytest.fixture
