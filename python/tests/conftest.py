@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket as _socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,8 @@ class ServerProcess:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
+        self._drain = threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True)
+        self._drain.start()
         assert ready.wait(60), "server did not start"
         assert self.proc.poll() is None, "".join(self.log)
         return self
@@ -80,6 +83,7 @@ class ServerProcess:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._close_log()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -89,6 +93,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        """Read the dead server's last lines, then close the pipe (no ResourceWarning)."""
+        if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
+            self._drain.join(10)
+            self.proc.stderr.close()
 
 
 #: /dev/shm entries of programs other tests run at the same time (pytest-xdist): Chromium's
@@ -103,6 +114,54 @@ def shm_snapshot() -> tuple[list[str], str]:
     segs = "\n".join(line for line in segs.splitlines()
                      if line[:2] == "0x" and " postgres " not in line)
     return sorted(n for n in os.listdir("/dev/shm") if not n.startswith(_FOREIGN_SHM)), segs
+
+
+_RAW_SOCKETS: list[_socket.socket] = []
+
+
+def raw_connect(path: str, timeout: float = 10) -> _socket.socket:
+    """A plain Unix socket connected to ``path`` for hand-made frames; closed after the test."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    _RAW_SOCKETS.append(s)
+    s.connect(path)
+    s.settimeout(timeout)
+    return s
+
+
+@pytest.fixture(autouse=True)
+def _close_what_tests_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close raw sockets and the pipes of exited child processes once a test is over.
+
+    The suite turns warnings into errors, so an unclosed pipe of a PHP driver or server that
+    a test already killed would otherwise fail it with a ResourceWarning. A child that still
+    runs is left alone (a wider-scoped fixture may own it).
+    """
+    started: list[subprocess.Popen] = []
+    real_init = subprocess.Popen.__init__
+
+    def recording_init(self: subprocess.Popen, *args: object, **kwargs: object) -> None:
+        real_init(self, *args, **kwargs)  # type: ignore[arg-type]
+        started.append(self)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording_init)
+    threads = set(threading.enumerate())
+    yield
+    for s in _RAW_SOCKETS:
+        s.close()
+    _RAW_SOCKETS.clear()
+    exited = [p for p in started if p.poll() is not None
+              and any(f is not None and not f.closed for f in (p.stdin, p.stdout, p.stderr))]
+    if exited:  # let the threads reading those pipes reach EOF first (5 s for all of them)
+        end = time.monotonic() + 5
+        for t in set(threading.enumerate()) - threads:
+            t.join(max(0.0, end - time.monotonic()))
+    for p in exited:
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.close()
+                except OSError:  # a stdin whose reader is gone
+                    pass
 
 
 @pytest.fixture

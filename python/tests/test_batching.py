@@ -29,7 +29,7 @@ from tensorbridge._wire import (
     encode_infer,
 )
 
-from conftest import PHP_DIR
+from conftest import PHP_DIR, raw_connect
 
 ROWS = "tensorbridge.models.testing:rows"
 
@@ -91,10 +91,7 @@ def _read(s: socket.socket):
 
 
 def _raw(server: tb.Server) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(server.config.socket)
-    s.settimeout(20)
-    return s
+    return raw_connect(server.config.socket, timeout=20)
 
 
 def _concurrently(n: int, fn) -> list:

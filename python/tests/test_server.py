@@ -23,7 +23,7 @@ from tensorbridge._wire import (
     encode_infer,
 )
 
-from conftest import VECTORS
+from conftest import VECTORS, raw_connect
 
 
 class _Pointer(torch.nn.Module):
@@ -76,10 +76,7 @@ def test_region_is_released_when_the_client_goes(inproc) -> None:
 
 
 def _raw(server_socket: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(server_socket)
-    s.settimeout(10)
-    return s
+    return raw_connect(server_socket)
 
 
 def _read_frame(s: socket.socket) -> tuple:
