@@ -132,7 +132,8 @@ def test_a_tensor_instead_of_texts_is_refused(make_server) -> None:
         client.infer("minilm", {"text": torch.zeros(2)})
 
 
-def test_php_sends_utf8_strings_and_gets_normalised_vectors(make_server, reference) -> None:
+def test_php_sends_utf8_strings_and_gets_normalised_vectors(make_server, reference,
+                                                             leak_check) -> None:
     srv = make_server([MINILM])
     [result] = php({"socket": srv.socket, "timeout": 60, "calls": [
         {"op": "infer", "model": "minilm",
@@ -242,3 +243,30 @@ def test_the_toml_example_serves_minilm_with_batching() -> None:
     assert model.pipeline.pad == {"input_ids": 0, "attention_mask": 0}
     out = model.predict({"text": [b"a short one", b"and a somewhat longer second text"]})
     assert out["embedding"].shape == (2, 384) and out["truncated"].tolist() == [False, False]
+
+
+class _Sentiment(torch.nn.Module):
+    """A text classifier stub: logits [n, 3] from the number of real tokens (the mask)."""
+
+    tensorbridge_signature = {
+        "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                   {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = attention_mask.sum(1, keepdim=True).float()
+        return torch.cat([tokens, -tokens, torch.zeros_like(tokens)], dim=1)
+
+
+def test_a_tokenizer_model_can_classify_text() -> None:
+    model = tb.load_model(tb.ModelConfig(
+        "sentiment", f"{__name__}:_Sentiment", warmup=1,
+        preprocess={"tokenizer": str(FOLDER), "max_length": 4},
+        postprocess={"top_k": 2, "labels": ["long", "short", "neutral"]}))
+    assert [s["name"] for s in model.metadata()["outputs"]] == [
+        "scores", "indices", "labels", "truncated"]
+    out = model.predict({"text": [b"a b c d e f", b""]})
+    # 4 tokens (cut from 8) and 2 ([CLS] [SEP] of the empty text): "long" wins, by more first
+    assert out["labels"] == ["long", "neutral", "long", "neutral"]
+    assert out["scores"][0, 0] > out["scores"][1, 0]
+    assert out["truncated"].tolist() == [True, False]
