@@ -34,6 +34,8 @@ SCREENSHOT = ROOT / "docs" / "img" / "search-demo.png"
 LIMIT = 1000
 #: Lowest recall@10 accepted (the example's README gives the measured value).
 MIN_RECALL = 0.9
+#: One xdist worker runs them all: they share one stack (started once per worker).
+pytestmark = pytest.mark.xdist_group("search")
 
 
 # -- the vector index model ---------------------------------------------------------------

@@ -33,9 +33,11 @@ TEXTS = {
 }
 #: The cosine every embedding must reach against sentence-transformers.
 SAME = 0.99999
+#: One xdist worker takes the text tests: sentence-transformers loads once for them.
+pytestmark = pytest.mark.xdist_group("text")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference() -> dict[str, torch.Tensor]:
     """sentence-transformers' own embeddings of TEXTS (the ground truth)."""
     from sentence_transformers import SentenceTransformer

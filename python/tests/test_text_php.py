@@ -17,7 +17,8 @@ AUTOLOAD = ROOT / "php" / "autoload.php"
 HAS_EMBED = subprocess.run(
     ["php", "-r", f"require '{AUTOLOAD}'; exit(method_exists('TensorBridge\\\\Client', "
                   "'embed') ? 0 : 1);"], capture_output=True).returncode == 0
-pytestmark = pytest.mark.skipif(not HAS_EMBED, reason="the PHP client has no embed() yet")
+pytestmark = [pytest.mark.skipif(not HAS_EMBED, reason="the PHP client has no embed() yet"),
+              pytest.mark.xdist_group("text")]
 
 SCRIPT = r"""<?php
 declare(strict_types=1);
