@@ -51,23 +51,32 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "tensorbridge.service" not in proc.stdout + proc.stderr  # no warning about it
     keys = _ini(UNIT)
     assert keys["Restart"] == "always" and keys["KillSignal"] == "SIGTERM"
+    # READY=1 after warm-up, WATCHDOG=1 from the loop's heartbeat (tests: test_faults.py).
+    assert keys["Type"] == "notify" and int(keys["WatchdogSec"]) >= 5
     assert keys["RuntimeDirectory"] == "tensorbridge"
 
 
-def _supervisor_copy(tmp_path: Path, command: str) -> Path:
-    """The shipped program section, runnable here: our user, a temp log, ``command``."""
+def _supervisor_copy(tmp_path: Path, command: str, socket: str = "/tmp/none.sock",
+                     failures: int = 3) -> Path:
+    """The shipped program and watchdog sections, runnable here: our user, temp logs,
+    ``command`` for the server, and the watchdog listener pointed at ``socket``."""
     import pwd
 
-    text = SUPERVISOR.read_text()
-    text = re.sub(r"(?m)^command=.*$", f"command={command}", text)
-    text = re.sub(r"(?m)^user=.*$", f"user={pwd.getpwuid(os.getuid()).pw_name}", text)
-    text = re.sub(r"(?m)^stdout_logfile=.*$", f"stdout_logfile={tmp_path}/tb.log", text)
-    program = tmp_path / "tensorbridge.conf"
-    program.write_text(text)
+    program, _, listener = SUPERVISOR.read_text().partition("[eventlistener:")
+    program = re.sub(r"(?m)^command=.*$", f"command={command}", program)
+    program = re.sub(r"(?m)^stdout_logfile=.*$", f"stdout_logfile={tmp_path}/tb.log", program)
+    listener = re.sub(r"(?m)^command=.*$", f"command={sys.executable} -m tensorbridge watchdog "
+                      f"--socket {socket} --failures {failures} --timeout 1", listener)
+    listener = re.sub(r"(?m)^stderr_logfile=.*$", f"stderr_logfile={tmp_path}/watchdog.log",
+                      listener)
+    text = re.sub(r"(?m)^user=.*$", f"user={pwd.getpwuid(os.getuid()).pw_name}",
+                  program + "[eventlistener:" + listener)
+    path = tmp_path / "tensorbridge.conf"
+    path.write_text(text)
     conf = tmp_path / "supervisord.conf"
     conf.write_text(f"[supervisord]\nlogfile={tmp_path}/supervisord.log\n"
                     f"pidfile={tmp_path}/supervisord.pid\nnodaemon=true\n"
-                    f"[include]\nfiles={program}\n")
+                    f"[include]\nfiles={path}\n")
     return conf
 
 
@@ -77,9 +86,11 @@ def test_supervisor_program_parses(tmp_path: Path) -> None:
     conf = _supervisor_copy(tmp_path, "/usr/local/bin/tensorbridge serve")
     opts = ServerOptions()
     opts.realize(args=["-c", str(conf)])
-    (group,) = opts.process_group_configs
-    (program,) = group.process_configs
+    groups = {g.name: g for g in opts.process_group_configs}
+    (program,) = groups["tensorbridge"].process_configs
     assert program.name == "tensorbridge"
+    (listener,) = groups["tensorbridge-watchdog"].process_configs
+    assert "watchdog" in listener.command and listener.autorestart is not False
     from supervisor.datatypes import RestartUnconditionally
 
     assert program.autostart and program.autorestart is RestartUnconditionally

@@ -173,7 +173,7 @@ def test_warnings_and_thread_crashes_become_json_lines() -> None:
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, threading.excepthook)
     try:
-        configure_logging("info", "json", stream)
+        handler = configure_logging("info", "json", stream)
         with warnings.catch_warnings():  # the suite turns warnings into errors
             warnings.simplefilter("always")
             warnings.warn("old API", DeprecationWarning, stacklevel=1)
@@ -184,6 +184,7 @@ def test_warnings_and_thread_crashes_become_json_lines() -> None:
         t = threading.Thread(target=crash, name="tb-test")
         t.start()
         t.join()
+        assert handler.flush_for(10)  # the lines are written by the log writer thread
     finally:
         logging.captureWarnings(False)
         root.handlers[:] = saved[0]

@@ -27,7 +27,7 @@ from ._config import (
 )
 from ._errors import ConnectionError, TensorBridgeError, TimeoutError
 from ._exitcode import ExitCode
-from ._logging import configure_logging
+from ._logging import configure_logging, say
 from ._models import ModelConfig
 from ._pipeline import PipelineConfigError
 from ._settings import Setting, apply, markdown_table
@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--update", metavar="FILE", help="rewrite the table between the "
                           "<!-- settings:begin/end --> marks of FILE (docs/operations.md)")
 
+    watchdog = sub.add_parser("watchdog", help="Supervisor event listener (events=TICK_5): "
+                              "SIGKILL a server that stops answering, so that it is restarted")
+    watchdog.add_argument("--socket", default=None, help="the server's socket (default: "
+                          "TENSORBRIDGE_SOCKET, else the default path)")
+    watchdog.add_argument("--failures", type=int, default=3,
+                          help="ticks in a row without an answer before the kill (default 3)")
+    watchdog.add_argument("--timeout", type=float, default=3.0,
+                          help="seconds a PING may take (default 3)")
+
     sock_help = f"Unix socket path (env TENSORBRIDGE_SOCKET; default {default_socket_path()})"
     for name, text in (("models", "the models of a running server: their signatures, or "
                                   "list / load / unload / reload NAME (versions and states)"),
@@ -139,7 +148,7 @@ def server_config(args: argparse.Namespace, environ: dict[str, str] | None = Non
 def _serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     check_models(config)
-    configure_logging(config.log_level, config.log_format)
+    configure_logging(config.log_level, config.log_format, capacity=config.log_buffer)
     log = logging.getLogger("tensorbridge")
     from .server import Server
 
@@ -162,11 +171,13 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: threading.Thread(
             target=server.drain, args=(config.drain_timeout,), daemon=True).start())
     server.start()
+    server.notifier.notify(f"READY=1\nSTATUS=serving {len(server.models)} model(s) on "
+                           f"{config.socket}\nMAINPID={os.getpid()}")
     ready = f"tensorbridge {__version__} ready on {config.socket}"
     if config.log_format == "json":
         log.info(ready, extra={"event": "ready", "socket": config.socket})
     else:
-        print(ready, file=sys.stderr, flush=True)
+        say(ready)
     server.serve_forever()
     log.info("stopped")
     return ExitCode.OK
@@ -284,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             return _check_config(args)
         if args.command == "settings":
             return _settings(args)
+        if args.command == "watchdog":
+            from ._watchdog import run
+
+            run(args.socket or default_socket_path(), max(1, args.failures), args.timeout)
+            return ExitCode.OK
         return _query(args)
     except ValueError as exc:  # ConfigError, and what loading a model finds wrong
         print(f"tensorbridge {args.command}: {exc}", file=sys.stderr)

@@ -83,8 +83,23 @@ class ServerConfig:
                                 help="address of `/metrics` (`0.0.0.0` exposes it)")
     log_format: str = setting("text", choices=("text", "json"),
                               help="log lines on stderr; `json`: one object per line")
+    log_buffer: int = setting(
+        10_000, minimum=10, maximum=10_000_000,
+        help="log lines waiting for a slow sink; beyond it lines are dropped and counted, "
+             "never blocking serving")
     log_level: str = setting("info", choices=("debug", "info", "warning", "error"),
                              help="least severe level logged")
+    max_connections: int = setting(
+        4096, minimum=1, maximum=1 << 20,
+        help="open connections in all; beyond it a new one gets `ERROR OVERLOADED` and is "
+             "closed (PHP: `OverloadedException`)")
+    max_connections_per_uid: int = setting(
+        2048, minimum=1, maximum=1 << 20,
+        help="open connections of one peer uid; beyond it that uid's new ones are refused")
+    idle_timeout: float = setting(
+        300.0, minimum=0, maximum=86400,
+        help="seconds a connection with nothing in flight may stay silent (also one that never "
+             "sends ATTACH) before it is closed; 0 = never")
     repository: str | None = setting(
         None, help="model repository: serve `DIR/<model>/<version>/model.{pt,onnx,py}` "
                    "(relative to the config file)")

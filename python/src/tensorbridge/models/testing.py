@@ -62,6 +62,21 @@ class _Rows(nn.Module):
         return x * 2 + 1, torch.full((x.shape[0],), x.shape[0], dtype=torch.int64)
 
 
+class _Hang(nn.Module):
+    tensorbridge_signature = {"inputs": None}
+
+    def forward(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import ctypes
+
+        # Lock a plain mutex twice from a C call made with the GIL held (PyDLL keeps it): the
+        # whole process stops turning, as with a deadlocked extension, and no signal gets in.
+        libc = ctypes.PyDLL(None)
+        mutex = ctypes.create_string_buffer(64)
+        libc.pthread_mutex_lock(mutex)
+        libc.pthread_mutex_lock(mutex)
+        return dict(inputs)
+
+
 def echo() -> nn.Module:
     """Returns every input unchanged, under the same name (any names, types and shapes)."""
     return _Echo()
@@ -70,6 +85,11 @@ def echo() -> nn.Module:
 def sleep() -> nn.Module:
     """Sleeps ``ms[0]`` milliseconds, then returns ``ms``: for deadline and overload tests."""
     return _Sleep()
+
+
+def hang() -> nn.Module:
+    """Hangs the whole server process for good (a C call holding the GIL): for watchdog tests."""
+    return _Hang()
 
 
 def fail() -> nn.Module:

@@ -39,8 +39,10 @@ from .._models import LoadedModel
 from .._registry import Registry
 from .._request import Request
 from .._scheduler import ModelQueue, deadline_error
-from .accept import ONESHOT_IN, accept_pending, bind_listener
+from .._systemd import Notifier
+from .accept import ONESHOT_IN, Admission, accept_pending, bind_listener, check_fd_limit
 from .connection import Connection
+from .heartbeat import Heartbeat
 
 log = logging.getLogger("tensorbridge")
 
@@ -74,6 +76,11 @@ class Server:
         self._shm_total = 0
         #: Set by ``drain()``: new INFERs are refused while in-flight ones finish.
         self.draining = False
+        #: Connection limits, idle clocks and the reserve descriptor (``accept``).
+        self.admission = Admission(config)
+        #: systemd's notify socket (READY=1, WATCHDOG=1), if the service manager gave one.
+        self.notifier = Notifier()
+        self.heartbeat = Heartbeat(self, self.notifier)
 
     @property
     def stopped(self) -> bool:
@@ -113,6 +120,7 @@ class Server:
 
     def start(self) -> None:
         """Bind the socket and start serving in background threads."""
+        check_fd_limit(self.config)
         listener = bind_listener(self.config)
         self.listener = listener
         for m in self._ready_made:  # given ready-made, not by load_models()
@@ -125,6 +133,9 @@ class Server:
         self._epoll.register(listener.fileno(), select.EPOLLIN)
         self._handlers[self._wake_r.fileno()] = self._on_wake
         self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._handlers[self.heartbeat.fd] = self.heartbeat.on_tick
+        self._epoll.register(self.heartbeat.fd, select.EPOLLIN)
+        self.heartbeat.start()
         self._pool = [threading.Thread(target=self._serve_events, name=f"tb-io-{i}",
                                        daemon=True) for i in range(self.config.io_threads)]
         for t in self._pool:
@@ -143,6 +154,7 @@ class Server:
         if self._stopped.is_set():
             return True
         self.draining = True
+        self.notifier.notify("STOPPING=1")
         self._close_listener()
         log.info("draining: waiting up to %.1f s for in-flight requests", timeout)
         end = time.monotonic() + timeout
@@ -182,6 +194,9 @@ class Server:
         self._wake()  # never drained once stopped: every pool thread sees it and leaves
         for t in self._pool:
             t.join(timeout=10)
+        self.heartbeat.stop()
+        self.admission.close()
+        self.notifier.close()
         self.registry.stop()
         for conn in list(self.connections):
             conn.close()
@@ -295,8 +310,23 @@ class Server:
         with self._lock:
             self.connections.add(conn)
             self.accepted += 1
-            self._handlers[conn.fd] = conn.on_readable
+            self._handlers[conn.fd] = lambda: self._on_event(conn)
         self.metrics.connections(1)
+
+    def _on_event(self, conn: Connection) -> None:
+        self.admission.seen(conn)  # not idle
+        conn.on_readable()
+
+    def listen(self, on: bool) -> None:
+        """Switch the listener's events on or off (off at the open-file limit, see
+        ``accept.Admission``)."""
+        listener = self.listener
+        if listener is None or self._epoll is None:
+            return
+        try:
+            self._epoll.modify(listener.fileno(), select.EPOLLIN if on else 0)
+        except (OSError, ValueError):
+            pass  # closed meanwhile (drain)
 
     def watch(self, conn: Connection) -> None:
         """Start delivering the events of an admitted connection to the pool."""
@@ -345,6 +375,8 @@ class Server:
             self.connections.discard(conn)
             self._handlers.pop(conn.fd, None)
         self.metrics.connections(-1)
+        if self.admission.released(conn):
+            self.listen(True)  # a descriptor is free again
         if self._epoll is not None:
             try:
                 self._epoll.unregister(conn.fd)
