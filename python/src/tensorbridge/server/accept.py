@@ -63,6 +63,8 @@ class Admission:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        #: Held by the one pool thread accepting.
+        self.accepting = threading.Lock()
         self._lock = threading.Lock()  # guards every field below
         self._by_uid: Counter[int] = Counter()
         self._last_seen: dict[Connection, float] = {}
@@ -120,9 +122,10 @@ class Admission:
             stale = [c for c, seen in self._last_seen.items() if now - seen > timeout]
         return [c for c in stale if c.pending == 0 and not c.owned]
 
-    def out_of_descriptors(self, listener: socket.socket, exc: OSError) -> bool:
-        """Refuse one waiting peer with the reserve descriptor; False when that was not
-        possible (the caller then switches the listener off until a connection closes)."""
+    def out_of_descriptors(self, listener: socket.socket, exc: OSError) -> str:
+        """Refuse one waiting peer with the reserve descriptor: ``"refused"`` (look for the
+        next), ``"none waiting"`` (accept fails with EMFILE even on an empty backlog), or
+        ``"paused"`` (no descriptor even for that: switch the listener off until one frees)."""
         with self._lock:
             if self._fd_since is None:
                 self._fd_since = time.monotonic()
@@ -131,14 +134,14 @@ class Admission:
                             "max_connections", exc.strerror, _nofile_limit())
             if self._reserve is None:
                 self.paused = True
-                return False
+                return "paused"
             os.close(self._reserve)
             self._reserve = None
             try:
                 sock: socket.socket | None = listener.accept()[0]
             except (BlockingIOError, InterruptedError):  # nobody waits any more
                 self._reserve = _open_reserve()
-                return self._reserve is not None
+                return "none waiting" if self._reserve is not None else "paused"
             except OSError:  # another thread took the freed descriptor first
                 sock = None
             if sock is not None:
@@ -150,8 +153,8 @@ class Admission:
             self._reserve = _open_reserve()
             if self._reserve is None or sock is None:
                 self.paused = True
-                return False
-            return True
+                return "paused"
+            return "refused"
 
     def accepted_again(self) -> None:
         """A connection was accepted normally: end an out-of-descriptors episode, if any."""
@@ -165,6 +168,12 @@ class Admission:
                         time.monotonic() - self._fd_since)
             self._fd_since, self.fd_refused = None, 0
 
+    def retake_reserve(self) -> None:
+        """Take the reserve descriptor again if a refusal could not (once a tick)."""
+        with self._lock:
+            if self._reserve is None:
+                self._reserve = _open_reserve()
+
     def close(self) -> None:
         """Give the reserve descriptor back (at stop)."""
         with self._lock:
@@ -174,7 +183,16 @@ class Admission:
 
 
 def accept_pending(server: Server) -> None:
-    """Accept every connection waiting on the listener; admitted ones are armed in epoll."""
+    """Accept every connection waiting on the listener; admitted ones are armed in epoll.
+
+    One pool thread accepts at a time (the others wait, then find the backlog empty): the
+    reserve descriptor freed for a refusal must go to that refusal, not to a parallel accept.
+    """
+    with server.admission.accepting:
+        _accept_all(server)
+
+
+def _accept_all(server: Server) -> None:
     listener = server.listener  # drain() may close it meanwhile
     if listener is None:
         return
@@ -188,9 +206,11 @@ def accept_pending(server: Server) -> None:
             if server.stopped:
                 return
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                if admission.out_of_descriptors(listener, exc):
-                    continue  # refused one; others may wait in the backlog
-                server.listen(False)  # until a connection closes (Admission.released)
+                outcome = admission.out_of_descriptors(listener, exc)
+                if outcome == "refused":
+                    continue  # others may wait in the backlog
+                if outcome == "paused":
+                    server.listen(False)  # until a connection closes (Admission.released)
                 return
             log.warning("accept failed: %s", exc)
             return
@@ -229,7 +249,7 @@ def _allowed(config: ServerConfig, uid: int, gid: int) -> bool:
 def _send_refusal(sock: socket.socket, code: ErrorCode, message: str) -> None:
     """Tell a peer why it is not served (ERROR with request id 0), hang up and close."""
     try:
-        sock.settimeout(0.05)  # a peer that does not read must not hold up the accept path
+        sock.setblocking(False)  # a peer that does not read must not hold up the accept path
         sock.sendall(encode_frame(FrameType.ERROR, 0, encode_error(code, message)))
         hang_up(sock)
     except OSError:

@@ -78,6 +78,7 @@ class Heartbeat:
                 log.info("closed %d connection(s) idle for more than idle_timeout (%g s)",
                          len(idle), server.config.idle_timeout)
             if server.admission.paused:  # retried once a tick, never in a loop
+                server.admission.retake_reserve()
                 server.admission.paused = False
                 server.listen(True)
         finally:
