@@ -147,6 +147,8 @@ def _sample(spec: Setting) -> tuple[str, object]:
         return "cpu", "cpu"
     if spec.key == "repository":  # an absolute path: a relative one is the config file's
         return "/srv/models", "/srv/models"
+    if spec.kind == "int" and spec.minimum is not None and spec.minimum > 7:
+        return str(int(spec.minimum) + 1), int(spec.minimum) + 1
     return {MODE: ("640", 0o640), MIB: ("3", 3 << 20), "int": ("7", 7), "float": ("2.5", 2.5),
             "str": ("x7", "x7"), "ints": ("5,6", [5, 6]), "bool": ("true", True)}[spec.kind]
 

@@ -31,13 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_access import USER
 
 import tensorbridge as tb
 
 from conftest import PHP_DIR, ServerProcess, php
 
 LONG = os.environ.get("TB_FAULTS_LONG") == "1"
+#: The second user of the quota test (its own: test_access's may be created and removed
+#: by a parallel worker meanwhile).
+USER = "tbtest-quota"
 #: How long each fault is held, and how many PHP callers run through it.
 HOLD = 10.0 if LONG else 1.0
 CALLERS = 6 if LONG else 2
