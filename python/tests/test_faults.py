@@ -347,8 +347,10 @@ def test_sigstop_then_sigcont(make_server, tmp_path: Path, leak_check: None) -> 
 def test_peers_that_never_speak_are_closed(make_server, tmp_path: Path,
                                            leak_check: None) -> None:
     server, base, callers, m = _fault_setup(
-        make_server, tmp_path, ["--idle-timeout", "1"],
-        "50 peers that connect and never speak (idle_timeout 1 s)")
+        make_server, tmp_path, ["--silent-timeout", "1"],
+        "50 peers that connect and never speak (silent_timeout 1 s)")
+    quiet = tb.Client(server.socket, timeout=2.0)
+    quiet.ping()  # spoke once, then stays quiet: idle_timeout (off) is what applies to it
     socks = flood(server.socket, 50)
 
     def all_closed() -> bool:
@@ -364,7 +366,9 @@ def test_peers_that_never_speak_are_closed(make_server, tmp_path: Path,
     m.row["silent_peers_closed_after_s"] = round(closed_after, 2)
     totals = _end_fault(m, socks, callers, base)
     assert totals["errors"] == {}, totals
-    assert any("idle for more than idle_timeout" in line for line in server.log)
+    assert any("silent for more than silent_timeout" in line for line in server.log)
+    with quiet:
+        assert quiet.ping()["server"] == "tensorbridge"
 
 
 def _pipe_bytes(fd: int) -> int:

@@ -96,10 +96,15 @@ class ServerConfig:
     max_connections_per_uid: int = setting(
         2048, minimum=1, maximum=1 << 20,
         help="open connections of one peer uid; beyond it that uid's new ones are refused")
+    silent_timeout: float = setting(
+        10.0, minimum=0, maximum=86400,
+        help="seconds a new connection may stay silent before its first byte (clients send "
+             "ATTACH or PING at once); then it is closed; 0 = never")
     idle_timeout: float = setting(
-        300.0, minimum=0, maximum=86400,
-        help="seconds a connection with nothing in flight may stay silent (also one that never "
-             "sends ATTACH) before it is closed; 0 = never")
+        0.0, minimum=0, maximum=86400,
+        help="seconds a connection with nothing in flight may stay silent before it is closed; "
+             "0 = never (the PHP client's next call on a closed connection fails once: set it "
+             "above FPM's idle worker lifetime)")
     repository: str | None = setting(
         None, help="model repository: serve `DIR/<model>/<version>/model.{pt,onnx,py}` "
                    "(relative to the config file)")

@@ -68,6 +68,7 @@ class Admission:
         self._lock = threading.Lock()  # guards every field below
         self._by_uid: Counter[int] = Counter()
         self._last_seen: dict[Connection, float] = {}
+        self._silent: set[Connection] = set()  # not a byte received yet
         self._reserve: int | None = _open_reserve()
         #: Peers refused for lack of descriptors in the current episode, and since start.
         self.fd_refused = 0
@@ -92,18 +93,21 @@ class Admission:
             return None
 
     def opened(self, conn: Connection) -> None:
-        """Start the idle clock of an admitted connection."""
+        """Start the silence clock of an admitted connection."""
         with self._lock:
             self._last_seen[conn] = time.monotonic()
+            self._silent.add(conn)
 
     def seen(self, conn: Connection) -> None:
         """The connection had an event: it is not idle."""
-        if conn in self._last_seen:  # one dict store: atomic under the GIL
+        if conn in self._last_seen:  # dict and set stores: atomic under the GIL
             self._last_seen[conn] = time.monotonic()
+            self._silent.discard(conn)
 
     def released(self, conn: Connection) -> bool:
         """Forget a closed connection; True when the listener should be switched on again."""
         with self._lock:
+            self._silent.discard(conn)
             if self._last_seen.pop(conn, None) is not None:
                 self._by_uid[conn.peer_uid] -= 1
                 if self._by_uid[conn.peer_uid] <= 0:
@@ -114,12 +118,15 @@ class Admission:
         return resume
 
     def idle(self, now: float) -> list[Connection]:
-        """Connections silent for longer than ``idle_timeout`` with nothing in flight."""
-        timeout = self.config.idle_timeout
-        if timeout <= 0:
+        """Connections to close: silent since accepted for ``silent_timeout``, or with
+        nothing in flight and silent for ``idle_timeout``."""
+        silent, idle = self.config.silent_timeout, self.config.idle_timeout
+        if silent <= 0 and idle <= 0:
             return []
         with self._lock:
-            stale = [c for c, seen in self._last_seen.items() if now - seen > timeout]
+            stale = [c for c, seen in self._last_seen.items()
+                     if (c in self._silent and 0 < silent < now - seen)
+                     or 0 < idle < now - seen]
         return [c for c in stale if c.pending == 0 and not c.owned]
 
     def out_of_descriptors(self, listener: socket.socket, exc: OSError) -> str:

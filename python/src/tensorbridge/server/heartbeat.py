@@ -1,8 +1,9 @@
 """The event loop's heartbeat: a tick that a pool thread serves like any socket event.
 
 A small thread writes one byte a period into a socket pair that the pool's epoll watches; the
-pool thread that takes it sends ``WATCHDOG=1`` to systemd, closes connections idle past
-``idle_timeout`` and switches a listener paused at the open-file limit back on. If the loop
+pool thread that takes it sends ``WATCHDOG=1`` to systemd, closes connections silent past
+``silent_timeout`` or idle past ``idle_timeout``, and switches a listener paused at the
+open-file limit back on. If the loop
 stops turning (every pool thread stuck, a deadlock, a C call holding the GIL), no tick is
 served, no ``WATCHDOG=1`` goes out, and systemd kills and restarts the service.
 """
@@ -75,8 +76,9 @@ class Heartbeat:
             for conn in idle:
                 conn.close()
             if idle:
-                log.info("closed %d connection(s) idle for more than idle_timeout (%g s)",
-                         len(idle), server.config.idle_timeout)
+                log.info("closed %d connection(s) silent for more than silent_timeout (%g s) "
+                         "or idle_timeout (%g s)", len(idle), server.config.silent_timeout,
+                         server.config.idle_timeout)
             if server.admission.paused:  # retried once a tick, never in a loop
                 server.admission.retake_reserve()
                 server.admission.paused = False
