@@ -10,17 +10,15 @@ use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\ProtocolException;
 use TensorBridge\Exception\TensorBridgeException;
 use TensorBridge\Exception\TimeoutException;
-use TensorBridge\Exception\UnauthorizedException;
+use TensorBridge\Internal\Calls;
 use TensorBridge\Internal\CircuitBreaker;
 use TensorBridge\Internal\Classification;
+use TensorBridge\Internal\Embedding;
 use TensorBridge\Internal\FileBreakerStore;
 use TensorBridge\Internal\Inputs;
 use TensorBridge\Internal\MemoryBreakerStore;
-use TensorBridge\Internal\ModelIndex;
 use TensorBridge\Transport\Deadline;
 use TensorBridge\Transport\LocalTransport;
-use TensorBridge\Transport\Replies;
-use TensorBridge\Transport\Reply;
 use TensorBridge\Transport\Transport;
 
 /**
@@ -34,12 +32,10 @@ final class Client
     private readonly Transport $transport;
     /** whether this Client made its transport (and so closes it when it goes) */
     private readonly bool $ownsTransport;
-    private readonly CircuitBreaker $breaker;
-    /** @var array{queue_us: int, compute_us: int, preprocess_us: int, batch_size: int}|null */
-    private ?array $lastTiming = null;
-    /** the models the server listed last: signature dtypes and classifier k without a round trip */
-    private ?ModelIndex $index = null;
+    private readonly Calls $calls;
     private ?string $lastNotice = null;
+    /** @var array<array-key, bool> */
+    private array $lastTruncated = [];
 
     /**
      * @param string|null $socketPath null: $TENSORBRIDGE_SOCKET, else the default of spec §1
@@ -91,7 +87,11 @@ final class Client
             $transport !== null => new MemoryBreakerStore($endpoint . '#' . bin2hex(random_bytes(8))),
             default => FileBreakerStore::forSocket($endpoint, $breakerStateDir),
         };
-        $this->breaker = new CircuitBreaker($store, $endpoint, $breakerThreshold, $breakerCoolDown);
+        $this->calls = new Calls(
+            $this->transport,
+            new CircuitBreaker($store, $endpoint, $breakerThreshold, $breakerCoolDown),
+            $timeout,
+        );
     }
 
     /**
@@ -132,7 +132,7 @@ final class Client
      */
     public function ping(): array
     {
-        return $this->guard(fn (Deadline $deadline): array => $this->transport->ping($deadline));
+        return $this->calls->guard(fn (Deadline $deadline): array => $this->transport->ping($deadline));
     }
 
     /**
@@ -142,7 +142,7 @@ final class Client
      */
     public function models(): array
     {
-        return $this->guard(fn (Deadline $deadline): array => $this->fetchModels($deadline));
+        return $this->calls->models();
     }
 
     /**
@@ -150,12 +150,18 @@ final class Client
      *
      * @param array<string, Tensor|array<mixed>|int|float|bool|string> $inputs input name => Tensor or plain
      *        PHP (nested) array / scalar, converted with the dtype of the model's signature
+     * @param int|null $version run this version of the model (ModelNotFoundException names the
+     *        versions there are); null: the version the server routes to
+     * @param string|null $routingKey with an A/B split, the same key always reaches the same
+     *        version (e.g. a user id); null: the server's weighted random choice
      * @return array<string, Tensor> output name => tensor
      */
-    public function infer(string $model, array $inputs): array
+    public function infer(string $model, array $inputs, ?int $version = null, ?string $routingKey = null): array
     {
-        return $this->guard(function (Deadline $deadline) use ($model, $inputs): array {
-            $replies = $this->send($model, [$this->tensors($model, $inputs, $deadline)], $deadline);
+        return $this->calls->guard(function (Deadline $deadline) use ($model, $inputs, $version, $routingKey): array {
+            Inputs::checkRoute($version, $routingKey);
+            $requests = [$this->calls->tensors($model, $inputs, $deadline)];
+            $replies = $this->calls->send($model, $requests, $deadline, $version, $routingKey);
             $answer = $replies->items[0];
             if ($replies->failure !== null) {
                 throw $replies->failure;
@@ -175,14 +181,21 @@ final class Client
      * inferBatch() reports each item's error separately instead.
      *
      * @param list<array<string, Tensor|array<mixed>|int|float|bool|string>> $listOfInputs
+     * @param int|null $version as for infer()
+     * @param string|null $routingKey as for infer()
      * @return list<array<string, Tensor>> one result per input set, in order
      */
-    public function inferMany(string $model, array $listOfInputs): array
-    {
-        return $this->guard(function (Deadline $deadline) use ($model, $listOfInputs): array {
+    public function inferMany(
+        string $model,
+        array $listOfInputs,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): array {
+        $run = function (Deadline $deadline) use ($model, $listOfInputs, $version, $routingKey): array {
             if ($listOfInputs === []) {
                 return [];
             }
+            Inputs::checkRoute($version, $routingKey);
             if (!array_is_list($listOfInputs)) {
                 throw new InvalidInputException('inferMany() takes a list of input arrays');
             }
@@ -191,9 +204,9 @@ final class Client
                 if (!is_array($inputs)) {
                     throw new InvalidInputException('inferMany() takes a list of input arrays (input name => tensor)');
                 }
-                $requests[] = $this->tensors($model, $inputs, $deadline);
+                $requests[] = $this->calls->tensors($model, $inputs, $deadline);
             }
-            $replies = $this->send($model, $requests, $deadline);
+            $replies = $this->calls->send($model, $requests, $deadline, $version, $routingKey);
             if ($replies->failure !== null) {
                 throw $replies->failure;
             }
@@ -205,7 +218,8 @@ final class Client
                 $results[] = $answer->outputs;
             }
             return $results;
-        });
+        };
+        return $this->calls->guard($run);
     }
 
     /**
@@ -222,72 +236,107 @@ final class Client
      *
      * @template K of array-key
      * @param array<K, array<string, Tensor|array<mixed>|int|float|bool|string>> $listOfInputs
+     * @param int|null $version as for infer()
+     * @param string|null $routingKey as for infer()
      * @return array<K, BatchResult> one result per item, same keys and order; value(): array<string, Tensor>
      */
-    public function inferBatch(string $model, array $listOfInputs): array
-    {
+    public function inferBatch(
+        string $model,
+        array $listOfInputs,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): array {
         return array_map(
             static fn (array|TensorBridgeException $o): BatchResult => $o instanceof TensorBridgeException
                 ? BatchResult::failure($o)
                 : BatchResult::success($o),
-            $this->runBatch($model, $listOfInputs),
+            $this->calls->runBatch($model, $listOfInputs, $version, $routingKey),
         );
     }
 
     /**
-     * Classifies one encoded image (JPEG, PNG, ... as the model accepts) with an image-classifier
-     * model (input "image" BYTES [N]; outputs "scores" [N, k], "indices" [N, k], "labels" [N*k],
-     * optional "notice" [N]).
+     * Classifies one item with a classifier model: an encoded image (JPEG, PNG, ... as the model
+     * accepts) for an image classifier, or a text for a model whose preprocess is a tokenizer.
+     * The model takes one BYTES [N] input ("image", "text": the first input of its signature) and
+     * answers "scores" [N, k], "indices" [N, k], "labels" [N*k] and optionally "notice" [N].
      *
-     * @param string $image the encoded image file's bytes
+     * @param string $item the encoded image file's bytes, or the UTF-8 text
      * @param int $topK how many classes to return, best first; at most the model's k (its top_k)
+     * @param int|null $version as for infer()
+     * @param string|null $routingKey as for infer()
      * @return list<array{label: string, score: float, index: int}> best first
-     * @throws InvalidInputException when the image cannot be decoded, or topK is out of range
+     * @throws InvalidInputException when the item cannot be decoded, or topK is out of range
      */
-    public function classify(string $model, string $image, int $topK = 5): array
-    {
+    public function classify(
+        string $model,
+        string $item,
+        int $topK = 5,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): array {
         $this->lastNotice = null;
         Classification::checkTopK($topK, $this->knownTopK($model), $model);
-        $outputs = $this->infer($model, [Classification::INPUT => Classification::imageTensor($image)]);
+        $tensor = Classification::itemTensor($item);
+        $outputs = $this->inferNamed($model, Classification::INPUT, $tensor, $version, $routingKey);
         $result = Classification::fromOutputs($outputs, $topK, $model);
         $this->lastNotice = $result->notice;
         return $result->rows[0] ?? throw new ProtocolException(sprintf(
-            'model "%s" returned no rows for one image',
+            'model "%s" returned no rows for one item',
             $model,
         ));
     }
 
     /**
-     * classify() for several images, as one pipelined batch (see inferBatch() for how errors are
-     * reported: per item, never mixed up between items).
+     * classify() for several images or texts, as one pipelined batch (see inferBatch() for how
+     * errors are reported: per item, never mixed up between items).
      *
      * @template K of array-key
-     * @param array<K, string> $images encoded image files
+     * @param array<K, string> $items encoded image files, or texts
+     * @param int|null $version as for infer()
+     * @param string|null $routingKey as for infer()
      * @return array<K, BatchResult> same keys and order; value(): list<array{label: string, score: float, index: int}>
      */
-    public function classifyBatch(string $model, array $images, int $topK = 5): array
-    {
+    public function classifyBatch(
+        string $model,
+        array $items,
+        int $topK = 5,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): array {
         $this->lastNotice = null;
-        try {
-            Classification::checkTopK($topK, $this->knownTopK($model), $model);
-        } catch (InvalidInputException $e) {
-            return array_map(static fn (): BatchResult => BatchResult::failure($e), $images);
-        }
-        $inputs = [];
         $results = [];
-        foreach ($images as $key => $image) {
-            if (!is_string($image)) {
-                $results[$key] = BatchResult::failure(new InvalidInputException(sprintf(
-                    'classifyBatch() item %s is %s; pass the encoded image file as a string',
-                    var_export($key, true),
-                    get_debug_type($image),
-                )));
-                continue;
+        try {
+            Inputs::checkRoute($version, $routingKey);
+            Classification::checkTopK($topK, $this->knownTopK($model), $model);
+            foreach ($items as $key => $item) {
+                if (!is_string($item)) {
+                    $results[$key] = BatchResult::failure(new InvalidInputException(sprintf(
+                        'classifyBatch() item %s is %s; pass the encoded image file or the text as a string',
+                        var_export($key, true),
+                        get_debug_type($item),
+                    )));
+                }
             }
-            $inputs[$key] = [Classification::INPUT => Classification::imageTensor($image)];
+            if ($this->calls->index() === null && count($results) < count($items)) {
+                $this->models(); // the model's input name ("image", or "text") and its k
+                Classification::checkTopK($topK, $this->knownTopK($model), $model);
+            }
+        } catch (TensorBridgeException $e) {
+            $failed = [];
+            foreach ($items as $key => $_) {
+                $failed[$key] = $results[$key] ?? BatchResult::failure($e);
+            }
+            return $failed;
+        }
+        $input = $this->calls->index()?->firstInputName($model) ?? Classification::INPUT;
+        $inputs = [];
+        foreach ($items as $key => $item) {
+            if (is_string($item)) {
+                $inputs[$key] = [$input => Classification::itemTensor($item)];
+            }
         }
         $notice = null;
-        foreach ($this->runBatch($model, $inputs) as $key => $outcome) {
+        foreach ($this->calls->runBatch($model, $inputs, $version, $routingKey) as $key => $outcome) {
             if ($outcome instanceof TensorBridgeException) {
                 $results[$key] = BatchResult::failure($outcome);
                 continue;
@@ -302,10 +351,122 @@ final class Client
         }
         $this->lastNotice = $notice;
         $ordered = [];
-        foreach ($images as $key => $_) {
+        foreach ($items as $key => $_) {
             $ordered[$key] = $results[$key];
         }
         return $ordered;
+    }
+
+    /**
+     * Embeds texts with a text-embedding model (a tokenizer preprocess and pooling on the server,
+     * e.g. the bundled `minilm`): one vector per text, under the text's key, in order. All texts
+     * go in one request (the server may merge it with other clients' requests); lastTruncated()
+     * says which texts were cut to the model's max_length tokens.
+     *
+     * @template K of array-key
+     * @param array<K, string> $texts UTF-8 texts
+     * @param bool $normalize unit-length vectors (cosine similarity = dot product); false: the
+     *        pooled vectors as the model made them, whether or not the server normalises
+     * @param int|null $version as for infer()
+     * @param string|null $routingKey as for infer()
+     * @return array<K, list<float>>
+     * @throws InvalidInputException for no texts, a text that is not a string, invalid UTF-8 or a
+     *         text over the server's max_bytes (the server names the item)
+     */
+    public function embed(
+        string $model,
+        array $texts,
+        bool $normalize = true,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): array {
+        $this->lastTruncated = [];
+        if ($texts === []) {
+            throw new InvalidInputException(sprintf('embed("%s") needs at least one text', $model));
+        }
+        foreach ($texts as $key => $text) {
+            if (!is_string($text)) {
+                throw new InvalidInputException(sprintf(
+                    'embed() text %s is %s; pass UTF-8 strings',
+                    var_export($key, true),
+                    get_debug_type($text),
+                ));
+            }
+        }
+        $tensor = Embedding::textTensor(array_values($texts));
+        $outputs = $this->inferNamed($model, Embedding::INPUT, $tensor, $version, $routingKey);
+        $result = Embedding::fromOutputs($outputs, count($texts), $normalize, $model);
+        $keys = array_keys($texts);
+        $this->lastTruncated = array_combine($keys, $result->truncated);
+        return array_combine($keys, $result->vectors);
+    }
+
+    /**
+     * embed() for many texts as one pipelined batch, each text its own request with its own
+     * BatchResult (see inferBatch() for how errors are reported: per item, never mixed up).
+     *
+     * @template K of array-key
+     * @param array<K, string> $texts UTF-8 texts
+     * @param bool $normalize as for embed()
+     * @param int|null $version as for infer()
+     * @param string|null $routingKey as for infer()
+     * @return array<K, BatchResult> same keys and order; value(): list<float>
+     */
+    public function embedBatch(
+        string $model,
+        array $texts,
+        bool $normalize = true,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): array {
+        $this->lastTruncated = [];
+        $results = [];
+        $inputs = [];
+        try {
+            Inputs::checkRoute($version, $routingKey);
+            if ($this->calls->index() === null && $texts !== []) {
+                $this->models(); // the model's input name, normally "text"
+            }
+        } catch (TensorBridgeException $e) {
+            return array_map(static fn (): BatchResult => BatchResult::failure($e), $texts);
+        }
+        $input = $this->calls->index()?->firstInputName($model) ?? Embedding::INPUT;
+        foreach ($texts as $key => $text) {
+            if (is_string($text)) {
+                $inputs[$key] = [$input => Embedding::textTensor([$text])];
+            }
+        }
+        $outcomes = $this->calls->runBatch($model, $inputs, $version, $routingKey);
+        foreach ($texts as $key => $text) {
+            $outcome = $outcomes[$key] ?? new InvalidInputException(sprintf(
+                'embedBatch() text %s is %s; pass UTF-8 strings',
+                var_export($key, true),
+                get_debug_type($text),
+            ));
+            try {
+                if ($outcome instanceof TensorBridgeException) {
+                    throw $outcome;
+                }
+                $result = Embedding::fromOutputs($outcome, 1, $normalize, $model);
+                $this->lastTruncated[$key] = $result->truncated[0];
+                $results[$key] = BatchResult::success($result->vectors[0]);
+            } catch (TensorBridgeException $e) {
+                $results[$key] = BatchResult::failure($e);
+            }
+        }
+        return $results;
+    }
+
+    /**
+     * For each text of the last embed()/embedBatch(), under its key: whether the server cut it to
+     * the model's max_length tokens (its vector then stands for the beginning of the text only).
+     * Texts whose embedding failed are left out.
+     *
+     * @return array<array-key, bool>
+     */
+    public function lastTruncated(): array
+    {
+        return $this->lastTruncated;
     }
 
     /**
@@ -324,7 +485,7 @@ final class Client
      */
     public function breakerState(): string
     {
-        return $this->breaker->state();
+        return $this->calls->breaker->state();
     }
 
     /**
@@ -332,13 +493,14 @@ final class Client
      * (queue_us), in the model, outputs included (compute_us), decoding inputs and postprocessing
      * outputs (preprocess_us, e.g. JPEG decoding); batch_size is the number of rows in the model
      * forward the request was part of (several requests merged by the server's batcher; 0 = not
-     * known). The rest of the round trip is transport and PHP. Null before the first inference.
+     * known); version is the model version that computed it (0 = not known). The rest of the
+     * round trip is transport and PHP. Null before the first inference.
      *
-     * @return array{queue_us: int, compute_us: int, preprocess_us: int, batch_size: int}|null
+     * @return array{queue_us: int, compute_us: int, preprocess_us: int, batch_size: int, version: int}|null
      */
     public function lastTiming(): ?array
     {
-        return $this->lastTiming;
+        return $this->calls->lastTiming();
     }
 
     /**
@@ -357,136 +519,35 @@ final class Client
     }
 
     /**
-     * Runs one public call under the circuit breaker and tells it the outcome: connection
-     * failures and timeouts count against the server; any answer from it (an error reply too)
-     * proves it is up; anything else (a local input error) says nothing.
+     * infer() of one BYTES input named as the model's signature says (the cached one, else
+     * $fallback). When the name was a guess and the server refused the request as invalid, the
+     * model's signature is fetched once and the request sent again under the right name (a
+     * refused request did not run).
      *
-     * @template T
-     * @param \Closure(Deadline): T $fn
-     * @param (\Closure(T): array{0: TensorBridgeException|null, 1: bool})|null $verdict for a result
-     *        that carries failures instead of throwing them: [the call's failure, whether the server answered]
-     * @return T
-     * @throws CircuitOpenException while the breaker is open (nothing is sent)
-     */
-    private function guard(\Closure $fn, ?\Closure $verdict = null): mixed
-    {
-        $probe = $this->breaker->admit($this->timeout + 1.0);
-        try {
-            $result = $fn(Deadline::in($this->timeout));
-        } catch (TensorBridgeException $e) {
-            $this->settle($probe, $e, $e->errorCode() !== null);
-            throw $e;
-        } catch (\Throwable $e) {
-            $this->breaker->recordNeutral($probe);
-            throw $e;
-        }
-        [$failure, $answered] = $verdict === null ? [null, true] : $verdict($result);
-        $this->settle($probe, $failure, $answered);
-        return $result;
-    }
-
-    private function settle(bool $probe, ?TensorBridgeException $e, bool $answered): void
-    {
-        $down = $e instanceof TimeoutException
-            || ($e instanceof ConnectionException && !$e instanceof UnauthorizedException);
-        if ($down) {
-            // the first sentence: the CircuitOpenException message adds its own advice
-            $this->breaker->recordFailure($probe, preg_split('/\.\s/', $e->getMessage(), 2)[0]);
-        } elseif ($answered) {
-            $this->breaker->recordSuccess($probe);
-        } else {
-            $this->breaker->recordNeutral($probe);
-        }
-    }
-
-    /**
-     * Sends requests through the transport and remembers the timing of the last reply.
-     *
-     * @template K of array-key
-     * @param array<K, array<string, Tensor>> $requests
-     * @return Replies<K>
-     */
-    private function send(string $model, array $requests, Deadline $deadline): Replies
-    {
-        $replies = $this->transport->infer($model, $requests, $deadline);
-        foreach ($replies->items as $item) {
-            if ($item instanceof Reply) {
-                $this->lastTiming = $item->timing;
-            }
-        }
-        return $replies;
-    }
-
-    /**
-     * The engine of inferBatch()/classifyBatch(): every item's outputs or its own exception.
-     *
-     * @template K of array-key
-     * @param array<K, mixed> $listOfInputs
-     * @return array<K, array<string, Tensor>|TensorBridgeException> same keys and order
-     */
-    private function runBatch(string $model, array $listOfInputs): array
-    {
-        $outcomes = [];
-        try {
-            $replies = $this->guard(function (Deadline $deadline) use ($model, $listOfInputs, &$outcomes): Replies {
-                foreach ($listOfInputs as $key => $inputs) {
-                    if (!is_array($inputs)) {
-                        $outcomes[$key] = new InvalidInputException(sprintf(
-                            'batch item %s is %s; pass an array of inputs (input name => tensor)',
-                            var_export($key, true),
-                            get_debug_type($inputs),
-                        ));
-                    }
-                }
-                $requests = [];
-                foreach ($listOfInputs as $key => $inputs) {
-                    if (!is_array($inputs)) {
-                        continue;
-                    }
-                    try {
-                        $requests[$key] = $this->tensors($model, $inputs, $deadline);
-                    } catch (InvalidInputException $e) {
-                        $outcomes[$key] = $e; // this item's own mistake: the others still run
-                    }
-                }
-                return $requests === [] ? new Replies([]) : $this->send($model, $requests, $deadline);
-            }, static function (Replies $replies): array {
-                $answered = false;
-                foreach ($replies->items as $item) {
-                    $answered = $answered || $item instanceof Reply || $item->errorCode() !== null;
-                }
-                return [$replies->failure, $answered];
-            });
-            foreach ($replies->items as $key => $item) {
-                $outcomes[$key] = $item instanceof Reply ? $item->outputs : $item;
-            }
-        } catch (TensorBridgeException $e) {
-            // failed before these items were sent (circuit open, cannot connect or attach): safe to retry
-            foreach ($listOfInputs as $key => $_) {
-                $outcomes[$key] ??= $e;
-            }
-        }
-        $ordered = [];
-        foreach ($listOfInputs as $key => $_) {
-            $ordered[$key] = $outcomes[$key];
-        }
-        return $ordered;
-    }
-
-    /**
-     * Converts plain PHP inputs to tensors using the model's signature dtypes (fetched once).
-     *
-     * @param array<mixed> $inputs
      * @return array<string, Tensor>
      */
-    private function tensors(string $model, array $inputs, Deadline $deadline): array
-    {
-        return Inputs::toTensors($model, $inputs, function (string $input) use ($model, $deadline): ?DType {
-            if ($this->index === null) {
-                $this->fetchModels($deadline);
+    private function inferNamed(
+        string $model,
+        string $fallback,
+        Tensor $tensor,
+        ?int $version,
+        ?string $routingKey,
+    ): array {
+        $guessed = $this->calls->index() === null;
+        $input = $this->calls->index()?->firstInputName($model) ?? $fallback;
+        try {
+            return $this->infer($model, [$input => $tensor], $version, $routingKey);
+        } catch (InvalidInputException $e) {
+            if (!$guessed || $e->errorCode() === null) {
+                throw $e;
             }
-            return $this->index?->inputDtype($model, $input);
-        });
+            $this->models();
+            $named = $this->calls->index()?->firstInputName($model);
+            if ($named === null || $named === $input) {
+                throw $e;
+            }
+            return $this->infer($model, [$named => $tensor], $version, $routingKey);
+        }
     }
 
     /**
@@ -494,16 +555,6 @@ final class Client
      */
     private function knownTopK(string $model): ?int
     {
-        return Classification::kFromMetadata($this->index?->get($model));
-    }
-
-    /**
-     * @return list<array<string, mixed>>
-     */
-    private function fetchModels(Deadline $deadline): array
-    {
-        $models = $this->transport->models($deadline);
-        $this->index = ModelIndex::fromList($models);
-        return $models;
+        return Classification::kFromMetadata($this->calls->index()?->get($model));
     }
 }

@@ -93,7 +93,7 @@ final class ClassificationTest extends TestCase
     public function testImageTensorIsOneBytesItem(): void
     {
         $jpeg = "\xFF\xD8\xFF\xE0" . random_bytes(100);
-        $t = Classification::imageTensor($jpeg);
+        $t = Classification::itemTensor($jpeg);
         self::assertSame('BYTES', $t->dtype());
         self::assertSame([1], $t->shape());
         self::assertSame([$jpeg], $t->toArray());

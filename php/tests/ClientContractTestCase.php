@@ -112,6 +112,23 @@ abstract class ClientContractTestCase extends TestCase
         }
     }
 
+    public function testAPinnedVersionThatDoesNotExistIsModelNotFound(): void
+    {
+        $client = $this->client();
+        self::assertSame([1], $client->infer('echo', ['v' => [1]], version: 1)['v']->toArray());
+        self::assertSame(1, $client->lastTiming()['version'] ?? null);
+        $this->expectException(ModelNotFoundException::class);
+        $client->infer('echo', ['v' => [1]], version: 9);
+    }
+
+    public function testARoutingKeyReachesTheModel(): void
+    {
+        $client = $this->client();
+        self::assertSame([5], $client->infer('echo', ['v' => [5]], routingKey: 'user-42')['v']->toArray());
+        $this->expectException(InvalidInputException::class);
+        $client->infer('echo', ['v' => [5]], routingKey: '');
+    }
+
     public function testPingAnswersProtocolOne(): void
     {
         $pong = $this->client()->ping();
@@ -126,7 +143,8 @@ abstract class ClientContractTestCase extends TestCase
         $client->infer('echo', ['v' => Tensor::fromArray([[1.0], [2.0]], 'float32')]);
         $timing = $client->lastTiming();
         self::assertNotNull($timing);
-        self::assertSame(['queue_us', 'compute_us', 'preprocess_us', 'batch_size'], array_keys($timing));
+        self::assertSame(['queue_us', 'compute_us', 'preprocess_us', 'batch_size', 'version'], array_keys($timing));
         self::assertContainsOnly('int', $timing);
+        self::assertSame(1, $timing['version']); // a model given without a repository has version 1
     }
 }

@@ -342,6 +342,6 @@ final class ClientTest extends TestCase
         self::assertInstanceOf(ConnectionException::class, $results['ok']->error());
         self::assertInstanceOf(InvalidInputException::class, $results['bad']->error());
         $message = $results['bad']->error()?->getMessage();
-        self::assertStringContainsString('pass the encoded image file as a string', (string) $message);
+        self::assertStringContainsString('pass the encoded image file or the text as a string', (string) $message);
     }
 }

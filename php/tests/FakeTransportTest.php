@@ -148,7 +148,8 @@ final class FakeTransportTest extends TestCase
     {
         $fake = (new FakeTransport())->answer('a', ['y' => [1]])->answer('b', ['y' => [2]]);
         $result = (new Client(transport: $fake))->inferBatch('c', [['x' => [1]]]);
-        self::assertStringContainsString("no model named 'c'; loaded: a, b", $result[0]->error()?->getMessage() ?? '');
+        $message = $result[0]->error()?->getMessage() ?? '';
+        self::assertStringContainsString("model 'c' is not loaded; loaded models: ['a', 'b']", $message);
     }
 
     public function testDeadlineExceededCanBeProgrammed(): void

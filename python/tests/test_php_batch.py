@@ -36,7 +36,7 @@ def test_echo_batch_every_good_item_gets_its_own_answer(server) -> None:
         assert bytes.fromhex(out["tag"]["hex"])[4:].decode() == want["tag"]["values"][0]
     assert got["ragged"]["error"] == "InvalidInputException" and "ragged" in got["ragged"]["message"]
     assert got["scalar"]["error"] == "InvalidInputException"
-    assert set(r["timing"]) == {"queue_us", "compute_us", "preprocess_us", "batch_size"}
+    assert set(r["timing"]) == {"queue_us", "compute_us", "preprocess_us", "batch_size", "version"}
 
 
 def test_digits_batch_with_bad_items_keeps_the_good_answers_in_place(server) -> None:

@@ -30,7 +30,8 @@ def test_every_dtype_round_trips(server, vec) -> None:
          "inputs": {"x": {"dtype": vec["dtype"], "shape": vec["shape"], "hex": vec["hex"]}}},
     ]
     for result in php({"socket": server.socket, "calls": calls}):
-        assert set(result["timing"]) == {"queue_us", "compute_us", "preprocess_us", "batch_size"}
+        assert set(result["timing"]) == {"queue_us", "compute_us", "preprocess_us", "batch_size",
+                                         "version"}
         out = result["outputs"]["x"]
         assert out["hex"] == vec["hex"] and out["shape"] == vec["shape"]
         assert out["dtype"] == vec["dtype"]

@@ -31,11 +31,11 @@ final class Classification
     }
 
     /**
-     * One encoded image as the model's BYTES [1] input.
+     * One encoded image (or text) as the model's BYTES [1] input.
      */
-    public static function imageTensor(string $image): Tensor
+    public static function itemTensor(string $item): Tensor
     {
-        return Tensor::fromBytes(pack('V', strlen($image)) . $image, DType::BYTES, [1]);
+        return Tensor::fromBytes(pack('V', strlen($item)) . $item, DType::BYTES, [1]);
     }
 
     /**

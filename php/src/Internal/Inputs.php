@@ -57,6 +57,27 @@ final class Inputs
     }
 
     /**
+     * Checks a pinned version and a routing key before anything is sent (spec §6.1).
+     *
+     * @throws InvalidInputException
+     */
+    public static function checkRoute(?int $version, ?string $routingKey): void
+    {
+        if ($version !== null && ($version < 1 || $version > 0xFFFFFFFF)) {
+            throw new InvalidInputException(sprintf(
+                'version must be a model version number of 1 or more (or null for the routed one), got %d',
+                $version,
+            ));
+        }
+        if ($routingKey !== null && ($routingKey === '' || strlen($routingKey) > 255)) {
+            throw new InvalidInputException(sprintf(
+                'routingKey must be 1 to 255 bytes (or null for a random A/B choice), got %d bytes',
+                strlen($routingKey),
+            ));
+        }
+    }
+
+    /**
      * The dtype a plain value most likely means: ints INT64, bools BOOL, strings BYTES, else FP32.
      */
     public static function guessDtype(mixed $value): DType

@@ -40,8 +40,9 @@ final class Pipeline
      * @return Replies<K>
      * @throws TensorBridgeException when nothing could be sent
      */
-    public function run(string $model, array $requests, Deadline $deadline, ?ModelIndex $index): Replies
+    public function run(Target $target, array $requests, Deadline $deadline, ?ModelIndex $index): Replies
     {
+        $model = $target->model;
         $single = count($requests) === 1;
         $items = [];
         $failure = null;
@@ -55,7 +56,7 @@ final class Pipeline
                     continue;
                 }
                 try {
-                    [$answers, $failure] = $this->pipeline($model, array_values($chunk), $deadline, $index, $single);
+                    [$answers, $failure] = $this->pipeline($target, array_values($chunk), $deadline, $index, $single);
                 } catch (PayloadTooLargeException $e) {
                     // Raised before anything of this chunk was sent (a chunk this large holds one
                     // item): that item's own problem, so the later chunks still run.
@@ -92,8 +93,13 @@ final class Pipeline
      * @param array<K, array<string, Tensor>> $requests
      * @return list<array<K, array<string, Tensor>>>
      */
-    private function chunks(string $model, array $requests, Deadline $deadline, ?ModelIndex $index, bool $single): array
-    {
+    private function chunks(
+        string $model,
+        array $requests,
+        Deadline $deadline,
+        ?ModelIndex $index,
+        bool $single,
+    ): array {
         if ($single) {
             return [$requests];
         }
@@ -140,13 +146,13 @@ final class Pipeline
      * @return array{0: array<int, Reply|TensorBridgeException>, 1: TensorBridgeException|null}
      */
     private function pipeline(
-        string $model,
+        Target $target,
         array $requests,
         Deadline $deadline,
         ?ModelIndex $index,
         bool $single,
-    ): array
-    {
+    ): array {
+        $model = $target->model;
         $need = 0;
         $outAreas = [];
         foreach ($requests as $i => $tensors) {
@@ -161,7 +167,16 @@ final class Pipeline
         $timeoutUs = (int) max(1, min(self::MAX_TIMEOUT_US, intdiv($deadline->remainingNs(), 1000)));
         $frames = '';
         foreach ($plans as $plan) {
-            $request = new InferRequest($timeoutUs, $model, $plan->outOffset, $plan->outCapacity, $plan->inputs);
+            $request = new InferRequest(
+                $timeoutUs,
+                $model,
+                $plan->outOffset,
+                $plan->outCapacity,
+                $plan->inputs,
+                '',
+                $target->version,
+                $target->routingKey,
+            );
             $body = Wire::encodeBody(FrameType::INFER, $request);
             $frames .= Wire::encodeFrame(FrameType::INFER, $plan->id, $body, $session->checksums);
         }
@@ -189,6 +204,7 @@ final class Pipeline
                     'compute_us' => $reply->computeUs,
                     'preprocess_us' => $reply->preprocessUs,
                     'batch_size' => $reply->batchSize,
+                    'version' => $reply->version,
                 ];
                 $outputs = RequestLayout::readOutputs($reply, $plan, $region, $session->checksums);
                 $answers[$k] = new Reply($outputs, $timing);

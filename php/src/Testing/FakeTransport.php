@@ -30,6 +30,7 @@ use TensorBridge\Transport\Transport;
  * $client = new Client(transport: $fake);
  * ```
  *
+ * Replies name the pinned version, else version 1, as a server without a repository does.
  * Each inference request is answered on its own, in order, like the real server: an error that
  * a handler throws (or fail()/failNext() sets) fails that request only, except a client-side
  * ConnectionException or TimeoutException, which ends the call as a lost connection would (the
@@ -65,12 +66,14 @@ final class FakeTransport implements Transport
      * @param array<string, mixed> $metadata what models() lists for it beside its name (spec §4.1), e.g.
      *        ['inputs' => [['name' => 'input', 'datatype' => 'FP32', 'shape' => [-1, 64]]], 'outputs' => [...]];
      *        the Client converts plain-array inputs with the dtypes declared here. Missing inputs or
-     *        outputs are listed as null: any names, types and shapes.
+     *        outputs are listed as null: any names, types and shapes; missing versions as
+     *        [['version' => 1, 'state' => 'ready']] (a pinned version not listed is not found).
      */
     public function answer(string $model, array|\Closure $outputs, array $metadata = []): self
     {
         $this->handlers[$model] = $outputs instanceof \Closure ? $outputs : static fn (): array => $outputs;
-        $this->metadata[$model] = ['name' => $model] + $metadata + ['inputs' => null, 'outputs' => null];
+        $this->metadata[$model] = ['name' => $model] + $metadata
+            + ['inputs' => null, 'outputs' => null, 'versions' => [['version' => 1, 'state' => 'ready']]];
         return $this;
     }
 
@@ -143,20 +146,25 @@ final class FakeTransport implements Transport
 
     public function ping(Deadline $deadline): array
     {
-        $this->record('ping', '', [], $deadline);
+        $this->record('ping', $deadline);
         $this->throwQueued();
         return ['server' => 'tensorbridge', 'version' => 'fake', 'protocol' => 1];
     }
 
     public function models(Deadline $deadline): array
     {
-        $this->record('models', '', [], $deadline);
+        $this->record('models', $deadline);
         $this->throwQueued();
         return array_values($this->metadata);
     }
 
-    public function infer(string $model, array $requests, Deadline $deadline): Replies
-    {
+    public function infer(
+        string $model,
+        array $requests,
+        Deadline $deadline,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): Replies {
         $items = [];
         $failure = null;
         foreach ($requests as $key => $inputs) {
@@ -164,14 +172,15 @@ final class FakeTransport implements Transport
                 $items[$key] = $failure;
                 continue;
             }
-            $this->record('infer', $model, $inputs, $deadline);
+            $this->calls[] = new FakeCall('infer', $model, $inputs, $deadline->timeout, $version, $routingKey);
             try {
                 $this->throwQueued();
-                $items[$key] = new Reply($this->run($model, $inputs), [
+                $items[$key] = new Reply($this->run($model, $inputs, $version), [
                     'queue_us' => 0,
                     'compute_us' => 0,
                     'preprocess_us' => 0,
                     'batch_size' => self::rows($inputs),
+                    'version' => $version ?? 1,
                 ]);
             } catch (TensorBridgeException $e) {
                 $items[$key] = $e;
@@ -196,14 +205,24 @@ final class FakeTransport implements Transport
      * @param array<string, Tensor> $inputs
      * @return array<string, Tensor>
      */
-    private function run(string $model, array $inputs): array
+    private function run(string $model, array $inputs, ?int $version): array
     {
         $handler = $this->handlers[$model] ?? null;
         if ($handler === null) {
+            $names = array_map(static fn (string $n): string => "'$n'", array_keys($this->handlers));
             throw self::serverError(ErrorCode::MODEL_NOT_FOUND, sprintf(
-                "no model named '%s'; loaded: %s",
+                "model '%s' is not loaded; loaded models: [%s]",
                 $model,
-                $this->handlers === [] ? '(none)' : implode(', ', array_keys($this->handlers)),
+                implode(', ', $names),
+            ), $model);
+        }
+        $versions = array_column((array) ($this->metadata[$model]['versions'] ?? []), 'version');
+        if ($version !== null && !in_array($version, $versions, true)) {
+            throw self::serverError(ErrorCode::MODEL_NOT_FOUND, sprintf(
+                "model '%s' has no version %d; versions: [%s]",
+                $model,
+                $version,
+                implode(', ', $versions),
             ), $model);
         }
         $outputs = [];
@@ -231,12 +250,9 @@ final class FakeTransport implements Transport
         return $outputs;
     }
 
-    /**
-     * @param array<string, Tensor> $inputs
-     */
-    private function record(string $op, string $model, array $inputs, Deadline $deadline): void
+    private function record(string $op, Deadline $deadline): void
     {
-        $this->calls[] = new FakeCall($op, $model, $inputs, $deadline->timeout);
+        $this->calls[] = new FakeCall($op, '', [], $deadline->timeout);
     }
 
     private function throwQueued(): void

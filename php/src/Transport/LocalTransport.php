@@ -11,6 +11,7 @@ use TensorBridge\Internal\FrameType;
 use TensorBridge\Internal\ModelIndex;
 use TensorBridge\Internal\Pipeline;
 use TensorBridge\Internal\Session;
+use TensorBridge\Internal\Target;
 
 /**
  * The transport to a `tensorbridge serve` process on this host: frames over a Unix socket,
@@ -89,9 +90,19 @@ final class LocalTransport implements Transport
         });
     }
 
-    public function infer(string $model, array $requests, Deadline $deadline): Replies
-    {
-        $replies = $this->tidy(fn (): Replies => $this->pipeline->run($model, $requests, $deadline, $this->index));
+    public function infer(
+        string $model,
+        array $requests,
+        Deadline $deadline,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): Replies {
+        $replies = $this->tidy(fn (): Replies => $this->pipeline->run(
+            new Target($model, $version, $routingKey),
+            $requests,
+            $deadline,
+            $this->index,
+        ));
         if ($replies->failure instanceof ConnectionException || $replies->failure instanceof ProtocolException) {
             $this->session->drop();
         }

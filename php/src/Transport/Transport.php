@@ -46,10 +46,18 @@ interface Transport
      *
      * @template K of array-key
      * @param array<K, array<string, Tensor>> $requests request key => input name => tensor; not empty
+     * @param int|null $version the model version to run; null: the one the server routes to
+     * @param string|null $routingKey A/B routing key (the same key, the same version); null: random
      * @return Replies<K>
      * @throws TensorBridgeException when nothing could be sent (server unreachable, ...)
      */
-    public function infer(string $model, array $requests, Deadline $deadline): Replies;
+    public function infer(
+        string $model,
+        array $requests,
+        Deadline $deadline,
+        ?int $version = null,
+        ?string $routingKey = null,
+    ): Replies;
 
     /**
      * Releases what the transport holds (a persistent connection may stay open for reuse).

@@ -10,7 +10,10 @@
 // "breaker_cooldown", "breaker_state_dir" (default: <socket dir>/.tb-breaker, so that tests
 // leave no breaker state behind). More ops: "classify" {"model","image_hex","top_k"},
 // "classify_batch" {"model","images":{key:hex},"top_k"}, "infer_batch" {"model","inputs":{key:
-// inputs}}, "touch" {"path"} (a marker for the test), "breaker" (the breaker's state).
+// inputs}}, "touch" {"path"} (a marker for the test), "breaker" (the breaker's state),
+// "embed" {"model","texts","normalize"}, "embed_batch" {"model","texts","normalize"} ("texts_hex"
+// instead of "texts" for bytes that are no valid UTF-8).
+// infer, infer_batch, classify, classify_batch and the embed ops take "version" and "routing_key".
 
 declare(strict_types=1);
 
@@ -61,6 +64,22 @@ function errorOut(Throwable $e): array
 }
 
 /**
+ * The texts of an embed op: "texts", or "texts_hex" decoded (non-strings kept as they are).
+ */
+function texts(array $call): array
+{
+    return $call['texts'] ?? array_map(fn ($hex) => is_string($hex) ? hex2bin($hex) : $hex, $call['texts_hex']);
+}
+
+/**
+ * The call's pinned version and A/B routing key, as named arguments.
+ */
+function route(array $call): array
+{
+    return ['version' => $call['version'] ?? null, 'routingKey' => $call['routing_key'] ?? null];
+}
+
+/**
  * @param array<array-key, \TensorBridge\BatchResult> $batch
  */
 function batchOut(array $batch, callable $value): array
@@ -84,7 +103,7 @@ foreach ($cmd['calls'] as $call) {
                 $r = ['models' => $client->models()];
                 break;
             case 'infer':
-                $out = $client->infer($call['model'], array_map('tensorIn', $call['inputs']));
+                $out = $client->infer($call['model'], array_map('tensorIn', $call['inputs']), ...route($call));
                 $r = ['outputs' => array_map('tensorOut', $out), 'timing' => $client->lastTiming()];
                 break;
             case 'infer_many':
@@ -97,20 +116,31 @@ foreach ($cmd['calls'] as $call) {
             case 'infer_batch':
                 $lists = array_map(fn ($in) => is_array($in) ? array_map('tensorIn', $in) : $in, $call['inputs']);
                 $r = ['batch' => batchOut(
-                    $client->inferBatch($call['model'], $lists),
+                    $client->inferBatch($call['model'], $lists, ...route($call)),
                     fn ($out) => array_map('tensorOut', $out),
                 ), 'timing' => $client->lastTiming()];
                 break;
             case 'classify':
-                $r = ['top' => $client->classify($call['model'], hex2bin($call['image_hex']), $call['top_k'] ?? 5),
+                $item = array_key_exists('text', $call) ? $call['text'] : hex2bin($call['image_hex']);
+                $r = ['top' => $client->classify($call['model'], $item, $call['top_k'] ?? 5, ...route($call)),
                     'notice' => $client->lastNotice(), 'timing' => $client->lastTiming()];
                 break;
             case 'classify_batch':
-                $images = array_map(fn ($hex) => is_string($hex) ? hex2bin($hex) : $hex, $call['images']);
+                $images = $call['texts'] ?? array_map(fn ($hex) => is_string($hex) ? hex2bin($hex) : $hex, $call['images']);
                 $r = ['batch' => batchOut(
-                    $client->classifyBatch($call['model'], $images, $call['top_k'] ?? 5),
+                    $client->classifyBatch($call['model'], $images, $call['top_k'] ?? 5, ...route($call)),
                     fn ($top) => $top,
                 ), 'notice' => $client->lastNotice()];
+                break;
+            case 'embed':
+                $vectors = $client->embed($call['model'], texts($call), $call['normalize'] ?? true, ...route($call));
+                $r = ['vectors' => $vectors, 'truncated' => $client->lastTruncated(), 'timing' => $client->lastTiming()];
+                break;
+            case 'embed_batch':
+                $r = ['batch' => batchOut(
+                    $client->embedBatch($call['model'], texts($call), $call['normalize'] ?? true, ...route($call)),
+                    fn ($vector) => $vector,
+                ), 'truncated' => $client->lastTruncated()];
                 break;
             case 'touch':
                 touch($call['path']);
