@@ -227,7 +227,10 @@ class ModelQueue:
         with self._cv:
             inst.busy_since = None
             inst.jobs = []
-            self._cv.notify_all()
+            if self._jobs:
+                # Only then has a sleeping instance something to take: waking the instances
+                # after every inline call cost a context switch and a GIL hand-over each.
+                self._cv.notify_all()
 
     def _work(self, inst: _Instance) -> None:
         while True:
