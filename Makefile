@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE = 1
 # package is installed (the editable install is only for the dependencies and the command).
 export PYTHONPATH := $(CURDIR)/python/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup demo demo-stop test test-python test-php lint bench bench-quick vectors clean soak fuzz
+.PHONY: setup demo demo-stop test test-python test-php lint bench bench-quick vectors clean soak fuzz ext
 
 APT_PACKAGES = php8.2-cli php8.2-fpm php8.2-curl php8.2-gd phpunit composer nginx-light wrk \
   chromium chromium-driver
@@ -48,13 +48,18 @@ demo-stop:
 
 test: setup lint test-python test-php bench-quick
 
+# The compiled frame parser (python/csrc/) built into the source tree that PYTHONPATH points
+# at, so that tests, demo and benchmarks run the compiled path (pip install builds it too).
+ext:
+	cd python && $(PYTHON) setup.py -q build_ext --inplace
+
 lint:
 	$(PYTHON) -m ruff check python spec bench
 	@for f in $$(find php/src php/tests python/tests/php examples -name '*.php'); do \
 	  php -l $$f >/dev/null || exit 1; done
 
 # Two workers (this machine has 2 cores); tests that must not overlap share an xdist_group.
-test-python:
+test-python: ext
 	cd python && $(PYTHON) -m pytest -q -n 2 --dist loadgroup
 
 test-php:
@@ -69,16 +74,16 @@ soak: setup
 	  TB_FAULTS_LONG=1 $(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_faults.py
 
 # 200,000 fuzzed frames and 5,000 hypothesis examples (TB_FUZZ_SEED=N replays a run).
-fuzz: setup
+fuzz: setup ext
 	cd python && TB_FUZZ_FRAMES=$${TB_FUZZ_FRAMES:-200000} \
 	  TB_FUZZ_EXAMPLES=$${TB_FUZZ_EXAMPLES:-5000} $(PYTHON) -m pytest -q -s tests/test_fuzz.py
 
 # The full side-by-side run: several minutes; writes bench/results/, docs/benchmarks.md, plots.
-bench: setup
+bench: setup ext
 	$(PYTHON) bench/run.py
 
 # Every scenario with tiny sample counts, so the harness cannot rot (part of `make test`).
-bench-quick: setup
+bench-quick: setup ext
 	$(PYTHON) bench/run.py --quick --out $${TMPDIR:-/tmp}/tensorbridge-bench --docs ''
 
 vectors:

@@ -23,22 +23,32 @@ BENCH = Path(__file__).resolve().parent
 PHP_CLIENT = BENCH / "php" / "client.php"
 
 
+def family(pid: int) -> list[int]:
+    """A server process and its worker processes (``--workers``)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
 def cpu_ticks(pid: int) -> int:
-    """user + system clock ticks of a process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    """user + system clock ticks of a server (all its threads and workers)."""
+    total = 0
+    for p in family(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
 
 
 def voluntary_switches(pid: int) -> int:
-    """Voluntary context switches summed over the live threads of a process."""
+    """Voluntary context switches summed over the live threads of a server and its workers."""
     total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass  # the thread ended meanwhile
+    for p in family(pid):
+        for task in Path(f"/proc/{p}/task").iterdir():
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+            except FileNotFoundError:
+                pass  # the thread ended meanwhile
     return total
 
 

@@ -43,6 +43,11 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
+try:  # the compiled parser (python/csrc/), built by `pip install`
+    from . import _tbcore
+except ImportError:  # a source tree where nobody built it: the same checks, in Python
+    _tbcore = None
+
 
 def crc32c(data: bytes | memoryview) -> int:
     """CRC-32C (Castagnoli) of ``data``, as PHP's ``hash('crc32c')``."""
@@ -128,6 +133,15 @@ def encode_frame(ftype: int, request_id: int, body: bytes = b"", use_crc: bool =
 
 def decode_header(buf: bytes | memoryview) -> Header:
     """Parse and validate a 24-byte frame header (§3)."""
+    if _tbcore is not None:
+        fields = _tbcore.parse_header(buf)
+        if fields is not None:
+            return Header(FrameType(fields[0]), *fields[1:])
+    return decode_header_py(buf)  # rejected (it says why), or no compiled parser
+
+
+def decode_header_py(buf: bytes | memoryview) -> Header:
+    """``decode_header`` in Python only: the reference the compiled parser is checked against."""
     if len(buf) != HEADER_SIZE:
         raise ProtocolError(f"frame header must be {HEADER_SIZE} bytes, got {len(buf)}")
     magic, version, ftype, flags, request_id, body_len, crc = _HEADER.unpack(buf)
@@ -305,6 +319,19 @@ def encode_infer(req: InferRequest) -> bytes:
 
 def decode_infer(body: bytes | memoryview) -> InferRequest:
     """INFER body (§6.1); region offsets are checked later against the region size."""
+    if _tbcore is not None:
+        parsed = _tbcore.parse_infer(body)
+        if parsed is not None:
+            timeout_us, model, out_offset, out_capacity, tensors, start, version, key = parsed
+            inputs = [TensorDesc(name, BY_CODE[code], shape, location, offset, nbytes, crc)
+                      for name, code, shape, location, offset, nbytes, crc in tensors]
+            return InferRequest(timeout_us, model, out_offset, out_capacity, inputs,
+                                memoryview(body)[start:], version, key)
+    return decode_infer_py(body)  # rejected (it says why), or no compiled parser
+
+
+def decode_infer_py(body: bytes | memoryview) -> InferRequest:
+    """``decode_infer`` in Python only: the reference the compiled parser is checked against."""
     r = _Reader(body)
     timeout_us, model_len, n_inputs, options, out_offset, out_capacity = r.unpack(
         _INFER, "INFER")
