@@ -331,3 +331,59 @@ def test_cli_models_commands(make_server, repo: Path) -> None:
         assert answer_of(client) == ("3x", 2)
     with pytest.raises(ConnectionError):
         Client(str(Path(srv.socket).with_name("absent.sock"))).admin("list")
+
+
+RECORDING_MODEL = """
+import threading
+from pathlib import Path
+
+import torch
+
+LOG = Path(__file__).with_name("calls.log")
+
+
+class Recording(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) < 0:
+            raise ValueError("negative inputs break this version")
+        with LOG.open("a") as f:
+            f.write(f"{threading.get_ident()} {float(x.sum())}\\n")
+        return x * 3.0
+
+
+def create():
+    return Recording()
+"""
+
+
+def test_warm_up_uses_config_inputs_on_every_instance(make_server, repo: Path) -> None:
+    """Warm-up inputs come from the config and run on as many threads as instances; a
+    version whose warm-up raises is not served, and the old one stays."""
+    srv = make_server(ECHO, ["--repository", str(repo)])
+    folder = repo / "linear" / "2"
+    folder.mkdir()
+    (folder / "model.py").write_text(RECORDING_MODEL)
+    write_config(repo, "linear", LINEAR_CONFIG + "instances = 3\nwarmup = 2\n"
+                 "warmup_inputs = { x = [[7.0]] }\n")
+    with Client(srv.socket, timeout=5) as client:
+        client.admin("reload", "linear", timeout=120)
+        lines = (folder / "calls.log").read_text().split()
+        # 2 runs in the loading thread, then 2 on each of 3 threads at once; all with x = 7.
+        assert lines[1::2] == ["7.0"] * 8, lines
+        assert len(set(lines[0::2])) >= 3  # several threads
+        assert answer_of(client) == ("3x", 2)
+        write_config(repo, "linear", LINEAR_CONFIG + "warmup_inputs = { x = [[-1.0]] }\n")
+        with pytest.raises(ModelError, match="negative inputs break this version"):
+            client.admin("reload", "linear", timeout=120)
+        assert answer_of(client) == ("3x", 2)  # the copy that warmed up fine still serves
+
+
+def test_reload_of_a_model_given_with_model(make_server) -> None:
+    srv = make_server(["digits=tensorbridge.models.digits:create"], [])
+    x = {"input": torch.rand(1, 64) * 16}
+    with Client(srv.socket, timeout=5) as client:
+        before = client.infer("digits", x)["logits"]
+        (listed,) = client.admin("reload", "digits", timeout=120)
+        assert [v["version"] for v in listed["versions"] if v["state"] == "ready"] == [1]
+        assert torch.equal(client.infer("digits", x)["logits"], before)
+        assert client.last_version == 1
