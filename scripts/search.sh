@@ -55,6 +55,9 @@ start() {
   else
     mkdir -p "$PGROOT"
     chmod 755 "$PGROOT"
+    if ((EUID == 0)) && ! runuser -u postgres -- test -x "$PGROOT"; then
+      die "the postgres user cannot enter $PGROOT (a parent directory is private); give another place: TB_PG_DIR=/var/tmp/tb-pg make demo"
+    fi
     if [[ ! -f $DATA/PG_VERSION ]]; then
       say "creating a PostgreSQL cluster in $DATA"
       mkdir -p "$DATA"

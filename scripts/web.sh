@@ -149,7 +149,8 @@ start() {
   [[ -n $fpm && -n $nginx ]] || die "php-fpm8.2 and nginx are needed: run 'make setup' (apt-get install php8.2-fpm nginx-light)"
 
   if server_pid >/dev/null && fpm_pid >/dev/null && nginx_pid >/dev/null && page_up \
-      && "$PYTHON" -m tensorbridge health --socket "$SOCKET" --timeout 2 >/dev/null 2>&1; then
+      && "$PYTHON" -m tensorbridge health --socket "$SOCKET" --timeout 2 >/dev/null 2>&1 \
+      && { ((SEARCH == 0)) || "$SEARCH_SH" status >/dev/null; }; then
     say "already running: $URL (scripts/web.sh stop, or make demo-stop, to stop it)"
     return 0
   fi

@@ -58,15 +58,18 @@ class NearestIndex(nn.Module):
     def refresh(self) -> None:
         """Read what was appended to the file since the last call (all of it if replaced)."""
         try:
-            stat = os.stat(self.path)
+            f = open(self.path, "rb")  # noqa: SIM115 - closed below, after fstat decides
         except FileNotFoundError:
             self._file, self._read_bytes = None, HEADER.size
             self.ids, self.vectors = self.ids[:0], self.vectors[:0]
             return
-        same = self._file == (stat.st_dev, stat.st_ino) and stat.st_size >= self._read_bytes
-        if same and stat.st_size - self._read_bytes < self.record.itemsize:
-            return  # nothing new (or only part of a record)
-        with open(self.path, "rb") as f:
+        with f:
+            # fstat of the open file: a rebuild renamed into place in between cannot mix the
+            # identity of one file with the contents of another.
+            stat = os.fstat(f.fileno())
+            same = self._file == (stat.st_dev, stat.st_ino) and stat.st_size >= self._read_bytes
+            if same and stat.st_size - self._read_bytes < self.record.itemsize:
+                return  # nothing new (or only part of a record)
             if not same:
                 self._check_header(f.read(HEADER.size))
                 self.ids, self.vectors = self.ids[:0], self.vectors[:0]
