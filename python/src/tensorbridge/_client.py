@@ -47,7 +47,7 @@ from ._wire import (
     encode_infer,
 )
 
-_Input = torch.Tensor | np.ndarray | list
+_Input = torch.Tensor | np.ndarray | list[Any]
 
 
 def _align(n: int) -> int:
@@ -89,11 +89,14 @@ class Client:
 
     def ping(self) -> dict[str, Any]:
         """Server name, version and protocol."""
-        return json.loads(bytes(self._call(FrameType.PING, b"", FrameType.PONG)))
+        pong: dict[str, Any] = json.loads(bytes(self._call(FrameType.PING, b"", FrameType.PONG)))
+        return pong
 
     def models(self) -> list[dict[str, Any]]:
         """Loaded models with their signatures (spec §4.1)."""
-        return json.loads(bytes(self._call(FrameType.MODELS, b"", FrameType.MODELS_OK)))["models"]
+        reply = json.loads(bytes(self._call(FrameType.MODELS, b"", FrameType.MODELS_OK)))
+        models: list[dict[str, Any]] = reply["models"]
+        return models
 
     def admin(self, command: str, model: str | None = None,
               timeout: float | None = None) -> list[dict[str, Any]]:
@@ -103,7 +106,8 @@ class Client:
         body = json.dumps({"command": command, **({"model": model} if model else {})})
         deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
         reply = self._call(FrameType.ADMIN, body.encode(), FrameType.ADMIN_OK, deadline)
-        return json.loads(bytes(reply))["models"]
+        models: list[dict[str, Any]] = json.loads(bytes(reply))["models"]
+        return models
 
     def infer(self, model: str, inputs: Mapping[str, _Input], version: int | None = None,
               routing_key: str | bytes | None = None) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class Metrics:
     def __init__(self, shm_cap_bytes: int) -> None:
         # The *_created series double the output and no dashboard or alert reads them
         # (a process-wide switch of prometheus_client; it only ever turns them off).
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()  # guards _shm and _known
         self._shm = 0

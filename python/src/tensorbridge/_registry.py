@@ -141,7 +141,7 @@ class _Entry:
     #: ``[models.X]`` keys without a source: they override the repository's config.toml.
     overrides: ModelConfig | None = None
     route: Route[ServedVersion] = field(default_factory=lambda: Route({}, None))
-    split: dict[int, int] | None = None
+    split: dict[int, float] | None = None
     policy: Any = "latest"
     #: Every copy listed by ``list``: loading, ready, unloading and failed ones.
     copies: list[ServedVersion] = field(default_factory=list)

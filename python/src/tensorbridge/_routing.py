@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
-def parse_split(routing: dict[str, Any] | None) -> dict[int, int] | None:
+def parse_split(routing: dict[str, Any] | None) -> dict[int, float] | None:
     """``{"split": {"1": 90, "2": 10}}`` -> ``{1: 90, 2: 10}``; None without a split."""
     if not routing:
         return None
@@ -29,7 +29,7 @@ def parse_split(routing: dict[str, Any] | None) -> dict[int, int] | None:
     if not isinstance(split, dict) or not split:
         raise ValueError(f"routing split must map versions to weights, like "
                          f"{{\"1\" = 90, \"2\" = 10}}, not {split!r}")
-    out = {}
+    out: dict[int, float] = {}
     for version, weight in split.items():
         if not str(version).isdigit() or int(version) < 1:
             raise ValueError(f"routing split: {version!r} is not a version number (1, 2, ...)")
@@ -57,7 +57,7 @@ class Route(Generic[T]):
 
     __slots__ = ("by_version", "newest", "_versions", "_bounds", "_total")
 
-    def __init__(self, ready: dict[int, T], split: dict[int, int] | None) -> None:
+    def __init__(self, ready: dict[int, T], split: dict[int, float] | None) -> None:
         self.by_version = dict(ready)
         self.newest = ready[max(ready)] if ready else None
         weighted = sorted((v, w) for v, w in (split or {}).items() if w > 0 and v in ready)

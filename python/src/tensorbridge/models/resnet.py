@@ -130,7 +130,7 @@ def create(weights: str | None = None, top_k: int = 10) -> ResNet18:
         model.load_state_dict(load_state_dict(weights))
     pipeline = {k: dict(v) for k, v in PIPELINE.items()}
     pipeline["postprocess"]["top_k"] = top_k
-    model.tensorbridge_pipeline = pipeline
+    object.__setattr__(model, "tensorbridge_pipeline", pipeline)  # a plain attribute, typed
     return model
 
 
