@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -40,3 +42,16 @@ LINEAR_CONFIG = """
 inputs = [{name = "x", datatype = "FP32", shape = [-1, 1]}]
 outputs = [{name = "y", datatype = "FP32", shape = [-1, 1]}]
 """
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for --metrics-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics_text(port: int) -> str:
+    """The server's /metrics exposition."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()

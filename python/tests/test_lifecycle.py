@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from repo_fixtures import LINEAR_CONFIG, write_config, write_version
+from repo_fixtures import (
+    LINEAR_CONFIG,
+    free_port,
+    metrics_text,
+    write_config,
+    write_version,
+)
 
 from tensorbridge import Client
 from tensorbridge._errors import ConnectionError, ModelError, ModelNotFoundError
@@ -120,7 +126,8 @@ def test_reload_under_php_load_drops_nothing(make_server, repo: Path, tmp_path: 
 
 
 def test_failed_load_keeps_the_old_version_serving(make_server, repo: Path) -> None:
-    srv = make_server(ECHO, ["--repository", str(repo)])
+    port = free_port()
+    srv = make_server(ECHO, ["--repository", str(repo), "--metrics-port", str(port)])
     broken = repo / "linear" / "2"
     broken.mkdir()
     (broken / "model.pt").write_text("not a TorchScript file")
@@ -136,6 +143,9 @@ def test_failed_load_keeps_the_old_version_serving(make_server, repo: Path) -> N
         assert meta["versions"] == [{"version": 2, "state": "failed"},
                                     {"version": 1, "state": "ready"}]
     assert any("version 2 failed to load" in line for line in srv.log)
+    text = metrics_text(port)
+    assert 'tensorbridge_model_load_failures_total{model="linear"} 1.0' in text
+    assert 'tensorbridge_model_version_ready{model="linear",version="1"} 1.0' in text
     # Fixed on disk, the next reload serves it and forgets the failure.
     shutil.rmtree(broken)
     write_version(repo, "linear", 2, *ANSWERS["3x"])

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import socket
-import urllib.request
 from collections import Counter
 
 import pytest
@@ -55,7 +53,13 @@ def test_split_on_a_real_server(make_server, tmp_path) -> None:
     """10,000 calls without a key land 90/10 (within 2 points); 1,000 with one key on one
     version; a pinned version ignores the split; metrics count each version."""
     import torch
-    from repo_fixtures import LINEAR_CONFIG, write_config, write_version
+    from repo_fixtures import (
+        LINEAR_CONFIG,
+        free_port,
+        metrics_text,
+        write_config,
+        write_version,
+    )
 
     from tensorbridge import Client
 
@@ -64,9 +68,7 @@ def test_split_on_a_real_server(make_server, tmp_path) -> None:
                  '[routing]\nsplit = { "1" = 90, "2" = 10 }\n')
     write_version(repo, "linear", 1, 2.0, 1.0)
     write_version(repo, "linear", 2, 3.0, 0.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = make_server(["echo=tensorbridge.models.testing:echo"],
                       ["--repository", str(repo), "--warmup", "0", "--metrics-port", str(port)])
     x = {"x": torch.tensor([[5.0]])}
@@ -88,8 +90,7 @@ def test_split_on_a_real_server(make_server, tmp_path) -> None:
     assert len(keyed) == 1 and sum(keyed.values()) == 1_000, keyed
     assert pinned == {2: 100}
     assert listed["routing"] == {"1": 90, "2": 10}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+    text = metrics_text(port)
     for version, count in (unkeyed + keyed + pinned).items():
         assert (f'tensorbridge_model_version_requests_total{{model="linear",status="ok",'
                 f'version="{version}"}} {float(count)}') in text
