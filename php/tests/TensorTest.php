@@ -115,6 +115,51 @@ final class TensorTest extends TestCase
         Tensor::fromArray([[1.0, 2.0], ['x', 3.0]]);
     }
 
+    /**
+     * Big rows of floats take the row-by-row path; a stray value anywhere in them is still named.
+     *
+     * @return iterable<string, array{mixed, string}>
+     */
+    public static function strayInBigRowsProvider(): iterable
+    {
+        foreach (['null' => null, 'string' => '0.5', 'nested array' => [0.5], 'bool' => true] as $what => $stray) {
+            yield $what => [$stray, $what === 'nested array' ? 'an array' : get_debug_type($stray)];
+        }
+    }
+
+    /**
+     * @dataProvider strayInBigRowsProvider
+     */
+    public function testStrayValueInBigRowsIsNamed(mixed $stray, string $shown): void
+    {
+        $image = array_fill(0, 3, array_fill(0, 4, array_fill(0, 100, 0.25)));
+        $image[2][3][57] = $stray;
+        try {
+            Tensor::fromArray($image, 'float32');
+            self::fail('expected an InvalidInputException');
+        } catch (InvalidInputException $e) {
+            self::assertStringContainsString("item [2, 3, 57] is $shown", $e->getMessage());
+        }
+    }
+
+    public function testBigRowsPackLikeOneList(): void
+    {
+        $rows = [];
+        for ($r = 0; $r < 5; $r++) {
+            $rows[] = array_map(static fn (int $i): float => $r * 1000 + $i / 7, range(0, 299));
+        }
+        $rows[4][299] = 12; // an int among the floats: accepted, takes the merged path
+        foreach (['float32' => 'g*', 'float64' => 'e*'] as $dtype => $format) {
+            $want = pack($format, ...array_merge(...$rows));
+            self::assertSame($want, Tensor::fromArray($rows, $dtype)->bytes());
+            $rows[4][299] = 12.0;
+            self::assertSame($want, Tensor::fromArray($rows, $dtype)->bytes());
+            $rows[4][299] = 12;
+        }
+        $flat = array_fill(0, 20000, 0.5); // more than one pack() slice
+        self::assertSame(pack('g*', ...$flat), Tensor::fromArray($flat)->bytes());
+    }
+
     public function testMoreThanEightDimsRejected(): void
     {
         $nine = [[[[[[[[[1.0]]]]]]]]];

@@ -42,18 +42,22 @@ final class TensorCodec
      * halves the cost of packing 150,528 floats.
      */
     private const PACK_SLICE = 8192;
+    /** rows at least this long are packed one by one rather than merged first */
+    private const ROW_PACK_MIN = 64;
 
     private static ?bool $littleEndian = null;
 
     /**
-     * Flattens a (nested) PHP array row-major and returns [shape, flat list].
+     * Checks a (nested) PHP array's shape and returns [shape, rows]: its innermost lists in
+     * row-major order (a 1-D list is one row, a scalar [[value]]). They are not merged into one
+     * list: pack() takes them row by row, which for big rows saves a copy of every item.
      *
-     * @return array{0: list<int>, 1: list<mixed>}
+     * @return array{0: list<int>, 1: list<list<mixed>>}
      */
     public static function flatten(mixed $data): array
     {
         if (!is_array($data)) {
-            return [[], [$data]];
+            return [[], [[$data]]];
         }
         $shape = [];
         $rows = [$data];
@@ -94,14 +98,38 @@ final class TensorCodec
                     Spec::MAX_DIMS,
                 ));
             }
-            // One row (a 1-D list, or the last level of [[...]]): use it as is, no copy.
-            $flat = $n === 0 ? [] : (count($rows) === 1 ? $rows[0] : array_merge(...$rows));
-            if ($n === 0 || !is_array($flat[0])) {
-                return [$shape, $flat];
+            if ($n === 0 || !is_array($rows[0][0])) {
+                return [$shape, $rows];
             }
-            $rows = $flat;
+            $rows = count($rows) === 1 ? $rows[0] : array_merge(...$rows);
             $depth++;
         }
+    }
+
+    /**
+     * Packs rows of values (flatten()'s) as $dtype; rejects values that do not fit the type.
+     *
+     * @param list<list<mixed>> $rows
+     * @param list<int> $shape used for error messages only
+     */
+    public static function pack(array $rows, DType $dtype, array $shape): string
+    {
+        if (($dtype === DType::FP32 || $dtype === DType::FP64) && count($rows) > 1
+            && count($rows[0]) >= self::ROW_PACK_MIN) {
+            // Big rows of floats (e.g. an image as [3][224][224]) are checked and packed row by
+            // row; anything else is merged into one list first.
+            $parts = [];
+            foreach ($rows as $row) {
+                foreach ($row as $v) {
+                    if (!is_float($v)) {
+                        return self::packList(array_merge(...$rows), $dtype, $shape);
+                    }
+                }
+                $parts[] = self::packSlices(self::PACK[$dtype->value], $row);
+            }
+            return implode('', $parts);
+        }
+        return self::packList(count($rows) === 1 ? $rows[0] : array_merge(...$rows), $dtype, $shape);
     }
 
     /**
@@ -110,7 +138,7 @@ final class TensorCodec
      * @param list<mixed> $flat
      * @param list<int> $shape used for error messages only
      */
-    public static function pack(array $flat, DType $dtype, array $shape): string
+    private static function packList(array $flat, DType $dtype, array $shape): string
     {
         self::assertLittleEndian();
         $code = $dtype->value;
