@@ -29,8 +29,10 @@ BENCH = Path(__file__).resolve().parent
 PHP_TEXT = BENCH / "php" / "text.php"
 LEVELS = [1, 4, 16]
 #: torch intra-op threads on every side: 0 = torch's default (all cores), what each of the
-#: three would run with out of the box; the harness's --threads (1 for S1-S7) is not used.
-THREADS = 0
+#: three would run with out of the box; TB_S8_THREADS=1 gives each one thread (on a busy
+#: shared VM, OpenMP teams of 2 threads can stall for hundreds of ms). The harness's
+#: --threads (1 for S1-S7) is not used.
+THREADS = int(os.environ.get("TB_S8_THREADS", "0"))
 #: TensorBridge's model: batching as in examples/minilm.toml.
 TOML = """[models.minilm]
 source = "tensorbridge.models.minilm:create"
@@ -181,7 +183,8 @@ def scenario(svc: Any, repeats: int, duration: float, quick: bool) -> list[dict[
                     else:
                         row = _php_loop(stack, "tb" if variant == "tensorbridge" else "http",
                                         level, duration, corpus, label)
-                    rows.append({"repeat": rep, "variant": variant, "processes": level, **row})
+                    rows.append({"repeat": rep, "variant": variant, "processes": level,
+                                 "torch_threads": THREADS, **row})
                     print(f"[S8 repeat {rep + 1}/{repeats}] {variant:>12} x{level:<2}: "
                           f"{row['sentences_s']:.1f} sentences/s, p50 {row['p50'] / 1000:.1f} ms,"
                           f" p99 {row['p99'] / 1000:.1f} ms", file=sys.stderr, flush=True)
