@@ -178,6 +178,8 @@ class ModelQueue:
 
     def expire(self, now: float) -> list[Request]:
         """Remove and return the queued jobs whose deadline has passed."""
+        if not self._jobs:  # every pool-thread turn asks every queue: skip the lock when empty
+            return []
         with self._cv:
             if not any(j.deadline is not None and j.deadline <= now for j in self._jobs):
                 return []
@@ -187,6 +189,8 @@ class ModelQueue:
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among queued jobs."""
+        if not self._jobs:
+            return None
         deadlines = [j.deadline for j in tuple(self._jobs) if j.deadline is not None]
         return min(deadlines) if deadlines else None
 
