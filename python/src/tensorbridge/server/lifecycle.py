@@ -146,7 +146,10 @@ class Server:
         """``start()``, then block until ``stop()`` is called (e.g. from a signal handler)."""
         if self._epoll is None:  # not started (a drain may have closed the listener already)
             self.start()
-        self._stopped.wait()
+        # Woken twice a second: a signal the kernel delivered to another thread only sets a
+        # flag, and Python runs its handler here once this thread runs bytecode again.
+        while not self._stopped.wait(0.5):
+            pass
 
     def drain(self, timeout: float) -> bool:
         """Stop accepting and refuse new INFERs, wait up to ``timeout`` seconds for the
