@@ -103,18 +103,20 @@ def _load_torchscript(config: ModelConfig) -> tuple[Any, dict[str, Any]]:
         raise ValueError(f"model {config.name!r}: {config.source!r} is neither a file nor "
                          "package.module:factory")
     try:
-        return torch.jit.load(str(path), map_location=config.device), {}
+        return torch.jit.load(str(path), map_location=config.device), {}  # type: ignore[no-untyped-call]
     except RuntimeError as exc:
         raise ValueError(f"model {config.name!r}: {path} is not a TorchScript file "
                          f"(torch.jit.save); eager models need module:factory: {exc}") from exc
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state_dict from ``.safetensors`` or a ``torch.save`` file (tensors only)."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
 
 
 def forward_inputs(module: Any) -> list[str] | None:

@@ -21,12 +21,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidInputError, ModelError, ModelNotFoundError
 from ._models import LoadedModel, ModelConfig, load_model
 from ._repository import Repository, select_versions
 from ._routing import Route, parse_split
+
+if TYPE_CHECKING:
+    from ._scheduler import ModelQueue
 
 log = logging.getLogger("tensorbridge")
 
@@ -48,8 +51,8 @@ class ServedVersion:
         self.reason: str | None = None
         self.load_seconds: float | None = None
         self.model: LoadedModel | None = None
-        #: The version's ``ModelQueue`` (typed loosely: the server makes it).
-        self.queue: Any = None
+        #: The version's work queue (the server makes it: ``make_queue``).
+        self.queue: ModelQueue | None = None
         self._lock = threading.Lock()
         self._users = 0
         self._retired = False
@@ -157,7 +160,7 @@ class Registry:
     """The served models and versions; the server asks it ``resolve(name, version, key)``."""
 
     def __init__(self, models: list[ModelConfig], repository: str | None,
-                 make_queue: Callable[[LoadedModel], Any],
+                 make_queue: Callable[[LoadedModel], ModelQueue],
                  metrics: Any = None, poll_interval: float = 0.0) -> None:
         self.repository = Repository(repository) if repository else None
         self._make_queue = make_queue
@@ -167,7 +170,7 @@ class Registry:
         self._poll_interval = poll_interval
         #: The queues of every copy not yet freed, rebuilt on each change: the pool threads
         #: read it on every wake-up (deadlines), so it is never built on that path.
-        self.queues: tuple[Any, ...] = ()
+        self.queues: tuple[ModelQueue, ...] = ()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         for config in models:

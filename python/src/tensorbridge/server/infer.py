@@ -63,8 +63,8 @@ def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: 
                               "retry against the restarted server")
     # From here on the request holds a use of its version until answered (reloads wait).
     served = server.registry.resolve(frame.model, frame.version, frame.routing_key)
-    model = served.model
-    assert model is not None
+    model, queue = served.model, served.queue
+    assert model is not None and queue is not None  # resolve gives ready versions only
     try:
         if frame.out_capacity:
             _check_range(conn, "output area", frame.out_offset, frame.out_capacity)
@@ -86,7 +86,7 @@ def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: 
         served.release()
         raise
     deadline = arrived + frame.timeout_us / 1e6 if frame.timeout_us else None
-    rows, key = batch_key(inputs, model.pipeline.pad) if served.queue.batching else (None, None)
+    rows, key = batch_key(inputs, model.pipeline.pad) if queue.batching else (None, None)
     return Request(frame, rid, seq, conn, model, inputs, arrived, deadline, rows=rows, key=key,
                    preprocess_s=preprocess_s, served=served)
 

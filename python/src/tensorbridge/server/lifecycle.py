@@ -263,6 +263,7 @@ class Server:
         """Run ``request`` now, in this thread, if its model is idle; else queue it.
 
         False when the model's queue is full (the caller answers OVERLOADED)."""
+        assert request.served is not None and request.served.queue is not None
         queue = request.served.queue
         with self._lock:
             # Keep one thread waiting on epoll: never let the last one go compute.
