@@ -70,6 +70,8 @@ BAD_CONFIGS = [
     ("bad_version_policy", "[models.m]\n" + ECHO + 'version_policy = "newest"\n',
      ["[models.m] version_policy = 'newest': unknown version policy; allowed: \"latest\""]),
     ("no_models", "[server]\nthreads = 1\n", ["no models"]),
+    ("unknown_socket_group", '[server]\nsocket_group = "no-such-group-tb"\n[models.m]\n' + ECHO,
+     ["[server] socket_group = 'no-such-group-tb': no such group on this host"]),
     ("region_initial_over_cap", "[server]\nregion_initial_mb = 64\nregion_cap_mb = 8\n"
      "[models.m]\n" + ECHO, ["region_initial_mb (64) is larger than region_cap_mb (8)"]),
 ]

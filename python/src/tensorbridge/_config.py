@@ -213,6 +213,7 @@ def model_where(model: ModelConfig) -> str:
 def check_models(config: ServerConfig) -> None:
     """What the server would find out only while loading: each model's source file or
     factory, weights file, device and tables. ``ConfigError`` names the key and value."""
+    _check_socket_ids(config)
     repository = Path(config.repository) if config.repository else None
     if repository is not None and not repository.is_dir():
         where = f"{config.path}: [server]" if config.path else "repository:"
@@ -238,6 +239,23 @@ def check_models(config: ServerConfig) -> None:
             if problem:
                 raise ConfigError(f"{where} {key} = {value!r}: {problem}; allowed: {allowed}")
         _check_tables(model, where)
+
+
+def _check_socket_ids(config: ServerConfig) -> None:
+    """``socket_owner`` / ``socket_group`` name a user and group of this host."""
+    import grp
+    import pwd
+
+    where = f"{config.path}: [server]" if config.path else "settings:"
+    for key, value, lookup in (("socket_owner", config.socket_owner, pwd.getpwnam),
+                               ("socket_group", config.socket_group, grp.getgrnam)):
+        if value is None or value.isdigit():
+            continue
+        try:
+            lookup(value)
+        except KeyError:
+            raise ConfigError(f"{where} {key} = {value!r}: no such {key[7:]} on this host; "
+                              f"allowed: a {key[7:]} name or a numeric id") from None
 
 
 def _source_problem(source: str, name: str, repository: Path | None) -> str | None:

@@ -313,7 +313,7 @@ def _chown(path: str, owner: str | None, group: str | None) -> None:
         if str(value).isdigit():
             return int(value)
         try:
-            return lookup(str(value))[2]
+            return int(lookup(str(value))[2])
         except KeyError:
             raise ValueError(f"socket_{what} {value!r}: no such {what} on this host") from None
 
