@@ -149,3 +149,32 @@ def test_breaker_state_survives_across_php_fpm_web_requests(fpm, tmp_path: Path)
                                            "CircuitOpenException", "CircuitOpenException"]
     assert [p["breaker"] for p in pages] == ["closed", "open", "open", "open"]
     assert "failing fast for" in pages[3]["message"]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_connection_the_server_closed_while_idle_is_replaced_unseen(make_server, tmp_path: Path,
+                                                                      persistent: bool) -> None:
+    """The server closes a connection idle for idle_timeout; the client's next INFER finds it
+    gone before a byte went out, so it sends on a new connection instead of failing."""
+    server = make_server(extra=["--idle-timeout", "0.3"])
+    go = tmp_path / "go"
+    echo = {"op": "infer", "model": "echo", "inputs": {"x": {"dtype": "INT32", "values": [7]}}}
+    driver = php_popen({"socket": server.socket, "persistent": persistent, "calls": [
+        echo, {"op": "touch", "path": str(tmp_path / "first-done")},
+        {"op": "wait_file", "path": str(go)}, echo, {"op": "ping"}]})
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "first-done").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while time.monotonic() < deadline:  # until the server has closed the driver's connection
+        (pong,) = php({"socket": server.socket, "calls": [{"op": "ping"}]})
+        if pong["pong"]["connections_open"] == 1:  # this ping's own connection only
+            break
+    else:
+        pytest.fail("the server did not close the idle connection")
+    go.touch()
+    out, err = driver.communicate(timeout=60)
+    first, _, _, second, ping = json.loads(out)
+    assert first["outputs"]["x"]["values"] == [7]
+    assert "error" not in second, second
+    assert second["outputs"]["x"]["values"] == [7]
+    assert ping["pong"]["server"] == "tensorbridge"

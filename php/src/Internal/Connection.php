@@ -19,6 +19,8 @@ use TensorBridge\Exception\TimeoutException;
  */
 final class Connection
 {
+    /** true when the last send() found the peer gone before a byte went out */
+    private bool $refusedUnsent = false;
     /** @var array<string, true> paths whose persistent stream a live Connection of this process holds */
     private static array $persistentInUse = [];
 
@@ -143,6 +145,15 @@ final class Connection
     }
 
     /**
+     * Whether the last send() failed because the server had already closed the connection,
+     * before a byte of it went out (so nothing of it can have run).
+     */
+    public function refusedBeforeSending(): bool
+    {
+        return $this->refusedUnsent;
+    }
+
+    /**
      * Sends all bytes before the deadline (hrtime ns).
      *
      * A timeout before the first byte leaves the connection usable; after it, the connection is dropped.
@@ -152,6 +163,7 @@ final class Connection
         $sock = $this->socket();
         $len = strlen($data);
         $sent = 0;
+        $this->refusedUnsent = false;
         while ($sent < $len) {
             $rest = $sent === 0 ? $data : substr($data, $sent);
             $n = @socket_send($sock, $rest, $len - $sent, MSG_DONTWAIT | MSG_NOSIGNAL);
@@ -171,6 +183,7 @@ final class Connection
                     continue;
                 }
                 if ($err === SOCKET_EPIPE || $err === SOCKET_ECONNRESET) {
+                    $this->refusedUnsent = $sent === 0;
                     $this->throwPendingError();
                 }
                 throw $this->ioError($err);

@@ -151,6 +151,7 @@ final class Pipeline
         Deadline $deadline,
         ?ModelIndex $index,
         bool $single,
+        bool $mayReconnect = true,
     ): array {
         $model = $target->model;
         $need = 0;
@@ -189,6 +190,13 @@ final class Pipeline
             }
             return [[], self::inFlight($e, $model, count($plans))];
         } catch (ConnectionException $e) {
+            if ($mayReconnect && $conn->refusedBeforeSending()) {
+                // The server had closed this connection while it was idle (idle_timeout, a
+                // restart): not a byte of these requests reached it, so they go out again, once,
+                // on a new connection and region.
+                $session->drop();
+                return $this->pipeline($target, $requests, $deadline, $index, $single, false);
+            }
             return [[], self::inFlight($e, $model, count($plans))];
         }
 

@@ -140,7 +140,8 @@ final class Session
      * One request/reply round trip for PING, MODELS or ATTACH.
      *
      * On a reused persistent connection the server may have restarted since: if the first round trip
-     * fails because the peer is gone, reconnect once (these requests are idempotent; INFER never is retried).
+     * fails because the peer is gone, reconnect once (these requests are idempotent). The same when
+     * the server closed an idle connection before the request went out.
      */
     public function exchange(int $type, ?AttachRequest $message, Deadline $deadline): mixed
     {
@@ -157,6 +158,7 @@ final class Session
                 return $reply;
             } catch (ConnectionException $e) {
                 $this->drop();
+                $retryable = $retryable || (!$retried && $conn->refusedBeforeSending());
                 if (!$retryable || $e instanceof UnauthorizedException) {
                     throw $e;
                 }
