@@ -42,3 +42,25 @@ def test_health_exit_codes(tmp_path: Path, make_server) -> None:
     down = _health(server.socket)
     assert down.returncode == ExitCode.UNREACHABLE and "running?" in down.stderr
 
+
+
+def test_low_open_file_limit_is_raised_or_warned(tmp_path: Path) -> None:
+    """Under a hard limit of 256 descriptors, max_connections = 4096 cannot be met: the
+    server says so at start (and how many connections it can take), then serves."""
+    sock = tmp_path / "tb.sock"
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=256:256", sys.executable, "-m", "tensorbridge", "serve",
+         "--socket", str(sock), "--model", "echo=tensorbridge.models.testing:echo",
+         "--warmup", "0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "ready on" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    text = "".join(lines) + rest
+    assert proc.returncode == ExitCode.OK, text
+    assert "the open-file limit (256) is too low for max_connections = 4096" in text, text
+    assert "connections past about 96 get OVERLOADED" in text, text
