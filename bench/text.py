@@ -33,12 +33,14 @@ LEVELS = [1, 4, 16]
 #: shared VM, OpenMP teams of 2 threads can stall for hundreds of ms). The harness's
 #: --threads (1 for S1-S7) is not used.
 THREADS = int(os.environ.get("TB_S8_THREADS", "0"))
-#: TensorBridge's model: batching as in examples/minilm.toml.
-TOML = """[models.minilm]
+#: TensorBridge's model: batching as in examples/minilm.toml; TB_S8_INSTANCES copies of it
+#: (S7: on a CPU, 2 instances of 1 thread beat 1 instance of 2).
+TOML = f"""[models.minilm]
 source = "tensorbridge.models.minilm:create"
 max_batch_size = 64
 max_queue_delay_us = 2000
 max_queue = 1024
+instances = {int(os.environ.get("TB_S8_INSTANCES", "1"))}
 """
 
 
