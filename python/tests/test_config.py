@@ -128,6 +128,19 @@ def test_check_config_accepts_the_shipped_files(capsys: pytest.CaptureFixture) -
     assert main(["check-config", str(ROOT / "examples" / "models.toml")]) == ExitCode.OK
     out = capsys.readouterr().out
     assert out.startswith("ok: ") and "digits, digits-image, resnet18" in out
+    # a text model whose factory names the tokenizer: the TOML only tunes it
+    assert main(["check-config", str(ROOT / "examples" / "minilm.toml")]) == ExitCode.OK
+    assert "(minilm)" in capsys.readouterr().out
+
+
+def test_text_preprocess_keys_are_checked_without_a_tokenizer_in_the_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "text.toml"
+    bad.write_text('[models.t]\nsource = "tensorbridge.models.minilm:create"\n'
+                   '[models.t.preprocess]\nmax_lenght = 64\npadding = "longest"\n')
+    assert main(["check-config", str(bad)]) == ExitCode.CONFIG
+    err = capsys.readouterr().err
+    assert "[models.t.preprocess] unknown preprocess keys ['max_lenght'] for a text model" in err
 
 
 def test_docs_settings_table_is_current(tmp_path: Path) -> None:

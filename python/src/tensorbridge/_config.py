@@ -9,7 +9,7 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,13 +297,21 @@ def _check_tables(model: ModelConfig, where: str) -> None:
     """The tensor specs and pipeline tables, as far as they can be read without the model."""
     from ._pipeline import Classify, ImagePreprocess
     from ._signature import Signature
+    from ._text import CLASSIFY_KEYS, TEXT_ONLY_KEYS, Pool, TextPreprocess, check_text_keys, is_text
 
     try:
         Signature.parse(model.inputs, model.outputs)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"{where} inputs/outputs: {exc}; allowed: a list of "
                           "{name, datatype, shape} tables") from None
-    for key, parse in (("preprocess", ImagePreprocess.parse), ("postprocess", Classify.parse)):
+    parsers: tuple[tuple[str, Callable[[Any], object]], ...] = (
+        ("preprocess", ImagePreprocess.parse), ("postprocess", Classify.parse))
+    if model.preprocess and TEXT_ONLY_KEYS & set(model.preprocess):  # the text pipeline's
+        parsers = (("preprocess", TextPreprocess.parse if is_text(model.preprocess)
+                    else check_text_keys),  # else the factory names the tokenizer
+                   ("postprocess", lambda raw: (Classify.parse(raw) if CLASSIFY_KEYS & set(raw)
+                                                else Pool.parse(raw))))
+    for key, parse in parsers:
         table = getattr(model, key)
         try:
             if table:

@@ -243,6 +243,17 @@ def is_text(pre: Mapping[str, Any] | None) -> bool:
     return pre is not None and "tokenizer" in pre
 
 
+#: Keys only a text preprocess has: a TOML table with one of them but no ``tokenizer``
+#: completes the text pipeline a model factory declares (models.minilm does).
+TEXT_ONLY_KEYS = frozenset({"tokenizer", "max_length", "truncation", "padding", "ids_input",
+                            "mask_input", "types_input"})
+
+
+def check_text_keys(raw: Mapping[str, Any]) -> None:
+    """Refuse unknown keys of a text preprocess table whose tokenizer the model declares."""
+    _known(TextPreprocess, raw, "preprocess", {"loaded", "pad_id"})
+
+
 #: Postprocess keys that only classification has: with none of them, a text model pools.
 CLASSIFY_KEYS = frozenset({"top_k", "softmax", "labels", "notice"})
 
