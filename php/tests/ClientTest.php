@@ -137,6 +137,19 @@ final class ClientTest extends TestCase
         self::assertInstanceOf(ServerException::class, new InternalException('x'));
     }
 
+    public function testAConnectionRefusedAtAcceptNamesTheServerSettingNotAModel(): void
+    {
+        $e = ErrorMapper::toException(
+            new ErrorReply(ErrorCode::OVERLOADED->value, 'max_connections (20) reached'),
+            '',
+            1.0,
+        );
+        self::assertInstanceOf(OverloadedException::class, $e);
+        self::assertStringStartsWith('the server refused the connection (OVERLOADED)', $e->getMessage());
+        self::assertStringContainsString('max_connections (20) reached', $e->getMessage());
+        self::assertStringNotContainsString('model ""', $e->getMessage());
+    }
+
     public function testUnknownErrorCodeIsAServerException(): void
     {
         $e = ErrorMapper::toException(new ErrorReply(42, 'new'), '', 1.0);

@@ -58,8 +58,11 @@ final class ErrorMapper
                 ),
                 $timeout,
             ),
+            // With no model the refusal is the connection's own (max_connections and the like).
             ErrorCode::OVERLOADED => new OverloadedException(
-                sprintf('model "%s" is overloaded (its queue is full), retry later: %s', $model, $msg),
+                $model === ''
+                    ? 'the server refused the connection (OVERLOADED), retry later: ' . $msg
+                    : sprintf('model "%s" is overloaded (its queue is full), retry later: %s', $model, $msg),
                 $code,
             ),
             ErrorCode::MODEL_ERROR => new ModelException(sprintf('model "%s" raised: %s', $model, $msg)),

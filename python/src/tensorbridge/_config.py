@@ -103,8 +103,8 @@ class ServerConfig:
     idle_timeout: float = setting(
         0.0, minimum=0, maximum=86400,
         help="seconds a connection with nothing in flight may stay silent before it is closed; "
-             "0 = never (the PHP client's next call on a closed connection fails once: set it "
-             "above FPM's idle worker lifetime)")
+             "0 = never (the PHP client sends again on a new connection when it finds its "
+             "connection closed before a byte went out)")
     repository: str | None = setting(
         None, help="model repository: serve `DIR/<model>/<version>/model.{pt,onnx,py}` "
                    "(relative to the config file)")
