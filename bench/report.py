@@ -12,6 +12,7 @@ import swap
 import text
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
 LABELS = {
     "tb_tiny": "TensorBridge", "tb_tiny_spin": "TensorBridge, client spins 50 µs",
     "http_json_tiny": "HTTP+JSON (json)",
@@ -74,6 +75,9 @@ def render(res: dict[str, Any]) -> str:
         else:
             out.append(f"| {g['goal']} | {g['ratio']:.3g} | {g['target']:.3g} | "
                        f"{'met' if g['met'] else 'missed'} ({g['detail']}) |")
+    analysis = BENCH / "analysis.md"  # written by hand after a run: where the time goes
+    if analysis.exists():
+        out += ["", analysis.read_text().strip()]
     for key in ("S1", "S2", "S3", "S4"):
         out += ["", f"## {TITLES[key]}", ""] + latency_table(res[key])
     out += ["", "ResNet-18 is built in `bench/vision.py` with fixed random weights (no weights "
@@ -254,7 +258,7 @@ def headline(res: dict[str, Any]) -> str:
          p(s3, "pack_only") + " (pack alone)"),
     ]
     lines = [f"Measured {res['date']} on {m['cpu']}, {m['cores']} vCPU (a shared VM), "
-             "PHP CLI client, medians of 3 interleaved repeats, p50 per call:", "",
+             f"PHP CLI client, medians of {res['config']['repeats']} interleaved repeats, p50 per call:", "",
              "| PHP -> model round trip | TensorBridge | TensorBridge, client spin 50 µs | HTTP+binary "
              "| HTTP+JSON | raw floor |", "|---|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
