@@ -338,7 +338,7 @@ def _example_inputs(signature: Signature) -> dict[str, Any] | None:
 def _signature_from_run(signature: Signature, result: Mapping[str, Any]) -> Signature:
     """Fill in output datatypes/shapes seen in a warm-up run (leading dim left dynamic)."""
     batch_dynamic = any(s.shape and s.shape[0] == -1 for s in signature.inputs or ())
-    outs = []
+    outs: list[dict[str, Any]] = []
     for name, value in result.items():
         if isinstance(value, torch.Tensor) and value.dtype in BY_TORCH:
             shape = list(value.shape)

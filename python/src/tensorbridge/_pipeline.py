@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -137,8 +137,8 @@ class ImagePreprocess:
         if self.resample not in RESAMPLE:
             raise PipelineConfigError(f"preprocess resample must be one of {sorted(RESAMPLE)}, "
                                       f"got {self.resample!r}")
-        if self.dtype not in BY_NAME or BY_NAME[self.dtype].torch is None or \
-                not BY_NAME[self.dtype].torch.is_floating_point:
+        dtype = BY_NAME[self.dtype].torch if self.dtype in BY_NAME else None
+        if dtype is None or not dtype.is_floating_point:
             raise PipelineConfigError(f"preprocess dtype must be a float type (FP32, FP16, "
                                       f"BF16, FP64), got {self.dtype!r}")
         if self.resize is not None and (self.resize_shorter or self.center_crop):
@@ -542,7 +542,7 @@ def take_items(inputs: dict[str, Any], name: str, what: str, each: str) -> Seque
     if isinstance(items, torch.Tensor):
         raise InvalidInputError(f"input {name!r} must be BYTES ({each}), got a {items.dtype} "
                                 "tensor")
-    return items
+    return cast(Sequence[bytes], items)
 
 
 def _pick(explicit: str | None, fallback: str | None, specs: Sequence[TensorSpec] | None,

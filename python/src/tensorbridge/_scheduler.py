@@ -41,7 +41,7 @@ def batch_key(inputs: dict[str, Any], pad: Mapping[str, int] | None = None
     Inputs named in ``pad`` (token ids of texts) may differ in dim 1: ``stack`` pads them.
     """
     rows = None
-    key = []
+    key: list[tuple[object, ...]] = []
     for name in sorted(inputs):
         value = inputs[name]
         if not isinstance(value, torch.Tensor) or value.dim() == 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
@@ -84,6 +84,9 @@ class _Layer(nn.Module):
 class BertEncoder(nn.Module):
     """BERT: token ids [n, L] + attention mask [n, L] -> token embeddings FP32 [n, L, d]."""
 
+    embeddings: nn.ModuleDict
+    encoder: nn.ModuleDict
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         hidden, eps = config["hidden_size"], config.get("layer_norm_eps", 1e-12)
@@ -109,14 +112,14 @@ class BertEncoder(nn.Module):
         emb = self.embeddings
         positions = torch.arange(length, device=input_ids.device)
         x = (emb["word_embeddings"](input_ids) + emb["position_embeddings"](positions)
-             + emb["token_type_embeddings"].weight[0])
+             + cast(nn.Embedding, emb["token_type_embeddings"]).weight[0])
         x = emb["LayerNorm"](x)
         # Padded keys get -inf-like scores: each row attends to its own tokens only, so a
         # row padded inside a merged batch comes out as it would alone.
         keep = attention_mask[:, None, None, :].to(torch.bool)
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(
             ~keep, torch.finfo(x.dtype).min)
-        for layer in self.encoder["layer"]:
+        for layer in cast(nn.ModuleList, self.encoder["layer"]):
             x = layer(x, bias)
         return x
 
@@ -144,15 +147,15 @@ def create(folder: str | None = None, max_length: int | None = None) -> BertEnco
     """
     path = Path(folder) if folder else bundled_folder()
     model = load_encoder(path)
-    model.tensorbridge_signature = {
+    object.__setattr__(model, "tensorbridge_signature", {
         "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
                    {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}],
         "outputs": [{"name": "token_embeddings", "datatype": "FP32",
                      "shape": [-1, -1, model.dim]}],
-    }
+    })
     preprocess: dict[str, Any] = {"input": "text", "tokenizer": str(path)}
     if max_length:
         preprocess["max_length"] = max_length
-    model.tensorbridge_pipeline = {"preprocess": preprocess,
-                                   "postprocess": {"pooling": "mean", "normalize": True}}
+    object.__setattr__(model, "tensorbridge_pipeline", {
+        "preprocess": preprocess, "postprocess": {"pooling": "mean", "normalize": True}})
     return model
