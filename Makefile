@@ -66,12 +66,15 @@ test-php:
 	cd php && phpunit
 
 # Longer crash-recovery runs (defaults: 30 server kills, 200 client kills, 8 PHP processes x
-# 5000 requests) and the fault suite with each fault held 10 s under 6 PHP callers; each
+# 5000 requests), the fault suite with each fault held 10 s under 6 PHP callers, and 200 hot
+# reloads under 32 PHP callers plus the A/B split; each
 # figure can be overridden: make soak TB_KILLS=100 (TB_FAULT_REPORT=FILE keeps the fault table).
 soak: setup
 	cd python && TB_KILLS=$${TB_KILLS:-30} TB_CLIENT_KILLS=$${TB_CLIENT_KILLS:-200} \
 	  TB_SOAK_PROCS=$${TB_SOAK_PROCS:-8} TB_SOAK_REQUESTS=$${TB_SOAK_REQUESTS:-5000} \
 	  TB_FAULTS_LONG=1 $(PYTHON) -m pytest -q -s tests/test_crash.py tests/test_faults.py
+	cd python && TB_RELOADS=$${TB_RELOADS:-200} TB_RELOAD_CALLERS=$${TB_RELOAD_CALLERS:-32} \
+	  $(PYTHON) -m pytest -q -s tests/test_lifecycle.py tests/test_routing.py
 
 # 200,000 fuzzed frames and 5,000 hypothesis examples (TB_FUZZ_SEED=N replays a run).
 fuzz: setup ext

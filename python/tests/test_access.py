@@ -27,9 +27,13 @@ GROUP = "tbtest-shared"
 SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every user, unlike a root-owned venv
 BREAKER_DIRS = "/tmp/tb-access-breaker"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("useradd") is None,
-    reason="needs root and useradd to create a second user")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
+                       reason="needs root and useradd to create a second user"),
+    # One xdist worker for the module: the user is created and deleted by a module fixture,
+    # and two workers doing that at once hand the tests different uids.
+    pytest.mark.xdist_group("access"),
+]
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,7 @@ from test_text import MINILM, SAME, TEXTS, _cosine, reference  # noqa: F401 - a 
 from conftest import ROOT
 
 AUTOLOAD = ROOT / "php" / "autoload.php"
-HAS_EMBED = subprocess.run(
-    ["php", "-r", f"require '{AUTOLOAD}'; exit(method_exists('TensorBridge\\\\Client', "
-                  "'embed') ? 0 : 1);"], capture_output=True).returncode == 0
-pytestmark = [pytest.mark.skipif(not HAS_EMBED, reason="the PHP client has no embed() yet"),
-              pytest.mark.xdist_group("text")]
+pytestmark = pytest.mark.xdist_group("text")
 
 SCRIPT = r"""<?php
 declare(strict_types=1);
