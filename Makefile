@@ -55,6 +55,7 @@ ext:
 
 lint:
 	$(PYTHON) -m ruff check python spec bench
+	cd python && $(PYTHON) -m mypy
 	@for f in $$(find php/src php/tests python/tests/php examples -name '*.php'); do \
 	  php -l $$f >/dev/null || exit 1; done
 

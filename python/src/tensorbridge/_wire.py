@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import crc32c as _crc32c
 
@@ -43,6 +45,7 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
+_tbcore: ModuleType | None
 try:  # the compiled parser (python/csrc/), built by `pip install`
     from . import _tbcore
 except ImportError:  # a source tree where nobody built it: the same checks, in Python
@@ -106,7 +109,7 @@ class InferReply:
     queue_us: int
     compute_us: int
     outputs: list[TensorDesc]
-    inline: bytes | memoryview = field(default=b"")
+    inline: bytes | bytearray | memoryview = field(default=b"")
     preprocess_us: int = 0
     #: Rows of the model call this request was part of (dynamic batching); 0 = not known.
     batch_size: int = 0
@@ -182,7 +185,7 @@ class _Reader:
         self.pos = end
         return view
 
-    def unpack(self, st: struct.Struct, what: str) -> tuple:
+    def unpack(self, st: struct.Struct, what: str) -> tuple[Any, ...]:
         return st.unpack(self.take(st.size, what))
 
     def text(self, n: int, what: str) -> str:

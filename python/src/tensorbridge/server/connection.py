@@ -323,6 +323,7 @@ class Connection:
                 self.region.close()
             self.region = region
         self.use_crc = bool(options & OPT_CRC)
+        assert self.region is not None  # kept, grown or made just above
         ok = AttachOk(self.region.size, config.region_cap, MAX_BODY)
         self.emit(seq, self.frame(FrameType.ATTACH_OK, rid, encode_attach_ok(ok)),
                   [self.region.fd])
