@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +114,15 @@ def shm_snapshot() -> tuple[list[str], str]:
     segs = "\n".join(line for line in segs.splitlines()
                      if line[:2] == "0x" and " postgres " not in line)
     return sorted(n for n in os.listdir("/dev/shm") if not n.startswith(_FOREIGN_SHM)), segs
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 30,
+               every: float = 0.005) -> None:
+    """Poll ``condition`` until it is true; fail the test naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not true within {timeout} s"
+        time.sleep(every)
 
 
 _RAW_SOCKETS: list[_socket.socket] = []

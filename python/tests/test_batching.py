@@ -29,7 +29,7 @@ from tensorbridge._wire import (
     encode_infer,
 )
 
-from conftest import PHP_DIR, raw_connect
+from conftest import PHP_DIR, raw_connect, wait_until
 
 ROWS = "tensorbridge.models.testing:rows"
 
@@ -233,8 +233,7 @@ def test_a_request_that_expires_in_the_batch_queue_is_not_computed(serve) -> Non
     server = serve(_model("rec", max_batch_size=8))
     busy = _raw(server)
     busy.sendall(_frame(1, "rec", torch.full((1, 1), 1500.0)))  # holds the model 0.5 s
-    while not server.queue("rec").pending():
-        time.sleep(0.005)
+    wait_until(lambda: server.queue("rec").pending(), "the busy request is queued")
     s = _raw(server)
     s.sendall(_frame(2, "rec", torch.full((1, 7), 7.0), timeout_us=50_000))
     h, body = _read(s)
@@ -249,13 +248,11 @@ def test_a_full_queue_answers_overloaded_at_once(serve) -> None:
     server = serve(_model("rec", max_batch_size=8, max_queue=2))
     busy = _raw(server)
     busy.sendall(_frame(1, "rec", torch.full((1, 1), 1500.0)))
-    while not server.queue("rec").pending():
-        time.sleep(0.005)
+    wait_until(lambda: server.queue("rec").pending(), "the busy request is queued")
     waiting = [_raw(server) for _ in range(2)]
     for i, s in enumerate(waiting):
         s.sendall(_frame(10 + i, "rec", torch.zeros(1, 2)))
-    while server.queue("rec").pending() < 3:
-        time.sleep(0.005)
+    wait_until(lambda: server.queue("rec").pending() >= 3, "three requests are queued")
     extra = _raw(server)
     extra.sendall(_frame(99, "rec", torch.zeros(1, 2)))
     h, body = _read(extra)
@@ -385,8 +382,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(make_server) -> None:
     t = threading.Thread(target=call)
     t.start()
     with tb.Client(srv.socket) as probe:
-        while probe.ping()["requests_in_flight"] == 0 and t.is_alive():
-            time.sleep(0.01)
+        wait_until(lambda: probe.ping()["requests_in_flight"] > 0 or not t.is_alive(),
+                   "the request is in flight", every=0.01)
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(20) == 0
     t.join(20)
