@@ -30,9 +30,9 @@ BREAKER_DIRS = "/tmp/tb-access-breaker"
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
                        reason="needs root and useradd to create a second user"),
-    # One xdist worker for the module: the user is created and deleted by a module fixture,
-    # and two workers doing that at once hand the tests different uids.
-    pytest.mark.xdist_group("access"),
+    # One xdist worker for every test that adds or deletes a user: useradd and userdel in two
+    # workers at once fight over /etc/passwd's lock and leave half-deleted users behind.
+    pytest.mark.xdist_group("users"),
 ]
 
 
@@ -56,6 +56,8 @@ def other() -> Iterator[Other]:
     try:
         pwd.getpwnam(USER)
     except KeyError:
+        # a run killed mid-teardown can leave the user's own group behind
+        subprocess.run(["groupdel", USER], capture_output=True, check=False)
         subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
                         "--shell", "/usr/sbin/nologin", USER], check=True)
         created.insert(0, ("userdel", USER))

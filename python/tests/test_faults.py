@@ -277,6 +277,7 @@ def test_connection_flood_past_max_connections(make_server, tmp_path: Path,
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run callers as a second user")
+@pytest.mark.xdist_group("users")  # useradd/userdel must not run in two workers at once
 def test_one_uid_over_quota_while_another_is_served(make_server, leak_check: None) -> None:
     import pwd
     import shutil
