@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,21 +45,34 @@ class Other:
     shared_gid: int
 
 
+def _ensure(lookup: Callable[[str], object], name: str, create: list[str]) -> bool:
+    """Create the user or group ``name`` unless it exists; True if this call created it.
+
+    useradd and groupadd also refuse a name that a half-finished deletion left in
+    /etc/shadow or /etc/gshadow (exit 9): then the entry is removed and created again.
+    """
+    try:
+        lookup(name)
+        return False
+    except KeyError:
+        pass
+    proc = subprocess.run(create, capture_output=True, text=True)
+    if proc.returncode == 9:  # "already exists" in a file the lookup does not read
+        subprocess.run(["userdel" if create[0] == "useradd" else "groupdel", name],
+                       capture_output=True, check=False)
+        proc = subprocess.run(create, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(create)}: {proc.stderr}"
+    lookup(name)
+    return True
+
+
 @pytest.fixture(scope="module")
 def other() -> Iterator[Other]:
     created = []
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", "--system", GROUP], check=True)
+    if _ensure(grp.getgrnam, GROUP, ["groupadd", "--system", GROUP]):
         created.append(("groupdel", GROUP))
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        # a run killed mid-teardown can leave the user's own group behind
-        subprocess.run(["groupdel", USER], capture_output=True, check=False)
-        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                        "--shell", "/usr/sbin/nologin", USER], check=True)
+    if _ensure(pwd.getpwnam, USER, ["useradd", "--system", "--user-group", "--no-create-home",
+                                    "--shell", "/usr/sbin/nologin", USER]):
         created.insert(0, ("userdel", USER))
     entry = pwd.getpwnam(USER)
     yield Other(entry.pw_uid, entry.pw_gid, grp.getgrnam(GROUP).gr_gid)
