@@ -116,6 +116,21 @@ def shm_snapshot() -> tuple[list[str], str]:
     return sorted(n for n in os.listdir("/dev/shm") if not n.startswith(_FOREIGN_SHM)), segs
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``tensorbridge ARGS`` run in this process (the same ``main`` the console script calls,
+    without a fresh interpreter importing torch each time); stdout and stderr captured."""
+    import contextlib
+    import io
+
+    from tensorbridge._cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["tensorbridge", *args], code, out.getvalue(),
+                                       err.getvalue())
+
+
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 30,
                every: float = 0.005) -> None:
     """Poll ``condition`` until it is true; fail the test naming ``what`` after ``timeout``."""

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from tensorbridge._exitcode import ExitCode
 
+from conftest import run_cli
+
 
 def _health(socket: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tensorbridge", "health", "--socket", socket,
-                           "--timeout", "3", *args], capture_output=True, text=True, timeout=120)
+    return run_cli("health", "--socket", socket, "--timeout", "3", *args)
 
 
 def test_health_exit_codes(tmp_path: Path, make_server) -> None:

@@ -27,7 +27,7 @@ from repo_fixtures import (
 from tensorbridge import Client
 from tensorbridge._errors import ConnectionError, ModelError, ModelNotFoundError
 
-from conftest import PHP_DIR, ServerProcess
+from conftest import PHP_DIR, ServerProcess, run_cli
 
 ECHO = ["echo=tensorbridge.models.testing:echo"]
 #: The two answers the reloads alternate between: y = 2x + 1 and y = 3x.
@@ -322,12 +322,9 @@ def test_admin_needs_an_admin_uid(make_server, repo: Path) -> None:
 
 def test_cli_models_commands(make_server, repo: Path) -> None:
     srv = make_server(ECHO, ["--repository", str(repo)])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tensorbridge", "models", *args,
-                               "--socket", srv.socket], capture_output=True, text=True,
-                              timeout=120, env=env)
+        return run_cli("models", *args, "--socket", srv.socket)
 
     listed = cli("list", "--format", "json")
     assert listed.returncode == 0, listed.stderr
