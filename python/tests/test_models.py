@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 
 import tensorbridge as tb
 
+from conftest import run_cli
+
 
 class Affine(torch.nn.Module):
     """y = x @ W + b, for weight-loading tests."""
@@ -146,12 +148,12 @@ def test_cli_version_models_and_health(tmp_path: Path, make_server) -> None:
     version = subprocess.run([sys.executable, "-m", "tensorbridge", "--version"],
                              capture_output=True, text=True, check=True).stdout
     assert "torch" in version and tb.__version__ in version
-    down = subprocess.run([sys.executable, "-m", "tensorbridge", "health", "--socket",
-                           str(tmp_path / "none.sock")], capture_output=True, text=True)
+    down = run_cli("health", "--socket", str(tmp_path / "none.sock"))
     assert down.returncode == 3 and "running?" in down.stderr  # ExitCode.UNREACHABLE
     server = make_server(["digits=tensorbridge.models.digits:create"])
-    models = subprocess.run([sys.executable, "-m", "tensorbridge", "models", "--socket",
-                             server.socket], capture_output=True, text=True, check=True).stdout
+    listed = run_cli("models", "--socket", server.socket)
+    assert listed.returncode == 0, listed.stderr
+    models = listed.stdout
     assert "input:FP32[-1, 64]" in models and "logits:FP32[-1, 10]" in models
     assert any("warm-up 'digits'" in line for line in server.log)  # progress is shown
 

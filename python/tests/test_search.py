@@ -110,7 +110,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+# Session scope: an xdist worker may run other modules' tests between these, and a module
+# fixture would then start the stack (PostgreSQL, indexing, web) again each time.
+@pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """scripts/web.sh start with the search on; yields the environment (URL in TB_URL)."""
     run = tmp_path_factory.mktemp("search-web")
@@ -188,7 +190,7 @@ def test_documents_added_later_are_found_at_once(stack) -> None:
 
 # -- the page in a browser --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser() -> Iterator:
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_path is None:
