@@ -36,6 +36,8 @@ class ServerProcess:
     args: list[str]
     proc: subprocess.Popen | None = None
     log: list[str] = field(default_factory=list)
+    #: Socket descriptors the server holds with no client connected (shared_server sets it).
+    idle_sockets: int = 0
 
     def start(self) -> ServerProcess:
         ready = threading.Event()
@@ -215,6 +217,18 @@ def make_server(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def server(make_server) -> ServerProcess:
     return make_server()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server (TEST_MODELS) per xdist worker for the tests that neither kill, stop nor
+    reconfigure it: each server start imports torch again (~2 s of CPU)."""
+    path = tmp_path_factory.mktemp("shared")
+    srv = ServerProcess(str(path / "tb.sock"),
+                        [a for m in TEST_MODELS for a in ("--model", m)]).start()
+    srv.idle_sockets = sum(t.startswith("socket:") for t in srv.fds())  # listener and co.
+    yield srv
+    srv.stop()
 
 
 def php(cmd: dict, timeout: float = 120) -> list[dict]:

@@ -9,9 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PHP_DIR, VECTORS, php, php_popen
+from conftest import PHP_DIR, VECTORS, php, php_popen, wait_until
 
 pytestmark = pytest.mark.usefixtures("leak_check")
+
+
+@pytest.fixture
+def server(shared_server):
+    """The worker's shared server: no test here kills, stops or reconfigures it (those that
+    do start their own with make_server). Each test starts once the previous one's
+    connections are closed, so that descriptor counts compare like with like."""
+    def sockets() -> int:
+        return sum(t.startswith("socket:") for t in shared_server.fds())
+
+    wait_until(lambda: sockets() == shared_server.idle_sockets and shared_server.memfds() == 0,
+               "the previous test's connections are closed", every=0.02)
+    return shared_server
 
 
 def test_ping_and_models(server) -> None:
