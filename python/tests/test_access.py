@@ -170,10 +170,12 @@ def test_socket_owner_group_and_mode(make_server, shared_dir: Path, other: Other
                                      leak_check: None) -> None:
     srv = _serve(make_server, shared_dir, ["--socket-owner", USER, "--socket-group", GROUP,
                                            "--socket-mode", "660"])
+    # The user as the server resolved it (the names are what the flags carry).
+    entry = pwd.getpwnam(USER)
     st = os.stat(srv.socket)
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (other.uid, other.shared_gid, 0o660)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (entry.pw_uid, other.shared_gid, 0o660)
     # Same user, group not shared: the file mode lets it in only as the owner.
-    assert ping_as(other.uid, other.gid, srv.socket)["pong"]["server"] == "tensorbridge"
+    assert ping_as(entry.pw_uid, entry.pw_gid, srv.socket)["pong"]["server"] == "tensorbridge"
     # A third identity (nobody) in neither: refused by the file system, before the server.
     nobody = pwd.getpwnam("nobody")
     denied = ping_as(nobody.pw_uid, nobody.pw_gid, srv.socket)
