@@ -49,7 +49,7 @@ demo-stop:
 # pytest and the benchmark smoke run side by side: the suite's two workers spend much of their
 # time waiting on servers and PHP processes, and the smoke run's figures are not kept. Each
 # one's output is printed when it ends (-O).
-test: setup lint ext
+test: setup lint
 	@$(MAKE) --no-print-directory -O -j 2 test-python bench-quick
 	@$(MAKE) --no-print-directory test-php
 

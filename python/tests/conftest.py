@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket as _socket
 import subprocess
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,6 +133,30 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         code = main(list(args))
     return subprocess.CompletedProcess(["tensorbridge", *args], code, out.getvalue(),
                                        err.getvalue())
+
+
+def headless_chromium(window: str) -> Iterator[Any]:
+    """Debian's Chromium under selenium, headless, for the demo pages' browser tests; skips
+    the test when chromium or chromium-driver is missing. A generator for fixtures to yield
+    from: the browser quits when the fixture ends."""
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("the browser tests need Debian's chromium and chromium-driver (make setup)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={window}",
+                # Chromium's own shared memory goes to /tmp, so /dev/shm stays as it was.
+                "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 30,

@@ -25,7 +25,7 @@ import torch
 
 from tensorbridge.models.nearest import HEADER, MAGIC, create
 
-from conftest import ROOT
+from conftest import ROOT, headless_chromium
 
 WEB_SH = ROOT / "scripts" / "web.sh"
 SEARCH_SH = ROOT / "scripts" / "search.sh"
@@ -192,21 +192,7 @@ def test_documents_added_later_are_found_at_once(stack) -> None:
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator:
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver_path is None:
-        pytest.skip("the browser test needs Debian's chromium and chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,900",
-                "--disable-dev-shm-usage"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
-    yield driver
-    driver.quit()
+    yield from headless_chromium("1000,900")
 
 
 def _search(browser, url: str, query: str | None) -> None:
