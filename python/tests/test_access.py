@@ -66,7 +66,10 @@ def _ensure(lookup: Callable[[str], object], name: str, create: list[str]) -> bo
     return True
 
 
-@pytest.fixture(scope="module")
+# Session scope, created once: a module fixture is torn down and made again whenever the
+# xdist worker runs another module's test in between, and that churn of useradd/userdel
+# raced with the tests that were using the user.
+@pytest.fixture(scope="session")
 def other() -> Iterator[Other]:
     created = []
     if _ensure(grp.getgrnam, GROUP, ["groupadd", "--system", GROUP]):
