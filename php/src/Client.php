@@ -18,12 +18,16 @@ use TensorBridge\Internal\FileBreakerStore;
 use TensorBridge\Internal\Inputs;
 use TensorBridge\Internal\MemoryBreakerStore;
 use TensorBridge\Transport\Deadline;
+use TensorBridge\Transport\HttpOptions;
+use TensorBridge\Transport\HttpTransport;
 use TensorBridge\Transport\LocalTransport;
 use TensorBridge\Transport\Transport;
 
 /**
  * Client for a `tensorbridge serve` process on the same host (Unix socket + shared-memory region),
- * or for any other Transport (e.g. TensorBridge\Testing\FakeTransport in an application's tests).
+ * for any Open Inference Protocol server over HTTP(S) (`new Client('http://host:8000')`: TensorBridge's
+ * REST listener, KServe, Triton, MLServer; see Transport\HttpTransport), or for any other Transport
+ * (e.g. TensorBridge\Testing\FakeTransport in an application's tests).
  *
  * Not safe for concurrent use from several fibers; one Client per worker is the intended use.
  */
@@ -38,11 +42,14 @@ final class Client
     private array $lastTruncated = [];
 
     /**
-     * @param string|null $socketPath null: $TENSORBRIDGE_SOCKET, else the default of spec §1
+     * @param string|null $socketPath the server's Unix socket, or an http:// / https:// URL of an Open
+     *        Inference Protocol server; null: $TENSORBRIDGE_SOCKET, else the default of spec §1
      * @param float $timeout per-call timeout in seconds
      * @param bool $persistent reuse one connection per PHP worker process (PHP-FPM) across requests
-     * @param bool $checksums CRC-32C on every frame and tensor (spec §9)
-     * @param int $spinMicros poll without sleeping for this long before blocking on a reply (spec §8)
+     *        (over HTTP: one kept-alive curl connection per process, see HttpTransport)
+     * @param bool $checksums CRC-32C on every frame and tensor (spec §9); local socket only
+     * @param int $spinMicros poll without sleeping for this long before blocking on a reply (spec §8);
+     *        local socket only
      * @param int $connectAttempts connection set-up attempts per call while the server is not
      *        accepting (no socket file, connection refused); 1 = no retry. Never more than the timeout allows.
      * @param float $connectBackoff seconds before the second attempt, doubled for each further one
@@ -55,6 +62,8 @@ final class Client
      * @param Transport|null $transport talk through this transport instead of a LocalTransport built
      *        from the arguments above (the socket, connection and breaker-state arguments are then
      *        ignored, and the breaker state lives in this Client only)
+     * @param HttpOptions|null $http bearer token and TLS settings for a URL; null: none
+     * @throws \InvalidArgumentException for settings the endpoint cannot honour (e.g. checksums over HTTP)
      */
     public function __construct(
         ?string $socketPath = null,
@@ -68,19 +77,24 @@ final class Client
         float $breakerCoolDown = 5.0,
         ?string $breakerStateDir = null,
         ?Transport $transport = null,
+        ?HttpOptions $http = null,
     ) {
         if (!($timeout > 0.0) || is_infinite($timeout)) {
             throw new \InvalidArgumentException('timeout must be a positive number of seconds');
         }
         $this->ownsTransport = $transport === null;
-        $this->transport = $transport ?? new LocalTransport(
-            $socketPath ?? self::defaultSocketPath(),
-            $persistent,
-            $checksums,
-            $spinMicros,
-            $connectAttempts,
-            $connectBackoff,
-        );
+        $socketPath ??= self::defaultSocketPath();
+        $url = HttpTransport::isUrl($socketPath);
+        if ($url && ($checksums || $spinMicros !== 0)) {
+            // no shared memory and no frames over HTTP: refuse rather than silently do without
+            throw new \InvalidArgumentException('checksums and spinMicros apply to the local socket only, not to a URL');
+        }
+        if (!$url && $http !== null) {
+            throw new \InvalidArgumentException('HttpOptions apply to an http:// or https:// URL only');
+        }
+        $this->transport = $transport ?? ($url
+            ? new HttpTransport($socketPath, $http, $persistent, $connectAttempts, $connectBackoff)
+            : new LocalTransport($socketPath, $persistent, $checksums, $spinMicros, $connectAttempts, $connectBackoff));
         $endpoint = $this->transport->endpoint();
         $store = match (true) {
             $breakerThreshold === 0 => new MemoryBreakerStore('off'),
@@ -118,7 +132,7 @@ final class Client
     }
 
     /**
-     * The socket path this client connects to (its transport's endpoint).
+     * The socket path (or URL) this client connects to (its transport's endpoint).
      */
     public function socketPath(): string
     {
@@ -126,7 +140,8 @@ final class Client
     }
 
     /**
-     * Checks that the server answers; returns its PONG JSON (server, version, protocol).
+     * Checks that the server answers; returns its PONG JSON (server, version, protocol; over HTTP the
+     * server's v2 metadata: server, version, protocol 'oip-v2', extensions).
      *
      * @return array<string, mixed>
      */

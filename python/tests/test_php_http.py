@@ -1,0 +1,238 @@
+"""The PHP client over HTTP (php/src/Transport/HttpTransport.php): real PHP processes calling a
+real Open Inference Protocol server written elsewhere (KServe's ModelServer, PyPI `kserve`,
+python/tests/php/kserve_peer.py) and TensorBridge's own REST listener (`serve --http-port`),
+both serving echo, fail, sleep and digits. Every call carries a bearer token the server checks."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import PHP_DIR, ROOT, TEST_MODELS, wait_until
+
+TOKEN = "s3cret-token"
+DTYPE_VALUES: dict[str, list[Any]] = {
+    "BOOL": [True, False, True],
+    "UINT8": [0, 200, 255],
+    "INT8": [-128, 0, 127],
+    "INT16": [-30000, 7],
+    "INT32": [-2147483648, 2147483647],
+    "INT64": [-(2**62), 2**40],
+    "FP16": [0.5, -2.0, 1024.0],
+    "FP32": [1.5, -2.25, 0.0],
+    "FP64": [1e-300, -3.5],
+    "BF16": [1.0, -0.5],
+    "BYTES": ["aGk=", "", "AMOp"],  # base64 of "hi", "", "\0é"
+}
+#: BYTES items that are not UTF-8 (KServe's Python server turns binary inputs into JSON-ready
+#: strings and refuses these; TensorBridge passes any bytes)
+RAW_BYTES = ["AP8A", "/w=="]  # base64 of b"\0\xff\0", b"\xff"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> dict[str, Any]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - a local test server
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def _answers(url: str) -> bool:
+    try:
+        _get(url + "/v2/health/ready")
+        return True
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+def _flat(rows: list[list[float]]) -> list[float]:
+    return [v for row in rows for v in row]
+
+
+def _tensorbridge_has_http() -> bool:
+    return "--http-port" in (ROOT / "python" / "src" / "tensorbridge" / "_cli.py").read_text()
+
+
+class Peer:
+    """A running OIP server: its URL, its name in v2 metadata, and its process."""
+
+    def __init__(self, kind: str, url: str, proc: subprocess.Popen) -> None:
+        self.kind, self.url, self.proc = kind, url, proc
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module", params=["kserve", "tensorbridge"])
+def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    if request.param == "kserve":
+        cmd = [sys.executable, str(PHP_DIR / "kserve_peer.py"), str(port), TOKEN]
+    else:
+        if not _tensorbridge_has_http():
+            pytest.skip("this checkout's `tensorbridge serve` has no --http-port yet")
+        tmp = tmp_path_factory.mktemp("http")
+        token_file = tmp / "token"
+        token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
+        cmd = [sys.executable, "-m", "tensorbridge", "serve", "--socket", str(tmp / "tb.sock"),
+               "--threads", "2", "--http-port", str(port), "--http-token-file", str(token_file),
+               *[a for m in TEST_MODELS for a in ("--model", m)]]
+    log = tmp_path_factory.mktemp("log") / "peer.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    srv = Peer(request.param, url, proc)
+    try:
+        wait_until(lambda: _answers(url) or proc.poll() is not None, "the peer answers", timeout=90,
+                   every=0.2)
+        assert proc.poll() is None, log.read_text()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def run(url: str, ops: list[dict[str, Any]], token: str | None = TOKEN, timeout: float = 5.0,
+        **extra: Any) -> list[dict[str, Any]]:
+    """Run the PHP HTTP driver with these operations on one Client; its results."""
+    cmd = {"url": url, "token": token, "timeout": timeout, "ops": ops, **extra}
+    proc = subprocess.run(["php", str(PHP_DIR / "http_calls.php")], input=json.dumps(cmd),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr
+    results: list[dict[str, Any]] = json.loads(proc.stdout)
+    return results
+
+
+def infer(model: str, **inputs: tuple[str, list[Any]]) -> dict[str, Any]:
+    return {"op": "infer", "model": model,
+            "inputs": {name: {"dtype": dt, "data": data} for name, (dt, data) in inputs.items()}}
+
+
+def test_metadata_names_the_server_and_the_model_signatures(peer: Peer) -> None:
+    pong, models = run(peer.url, [{"op": "ping"}, {"op": "models"}])
+    assert pong["server"] == peer.kind and pong["protocol"] == "oip-v2"
+    by_name = {m["name"]: m for m in models}
+    assert {"echo", "fail", "sleep", "digits"} <= set(by_name)
+    assert by_name["digits"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    assert by_name["digits"]["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+
+
+def test_every_datatype_round_trips_through_echo(peer: Peer) -> None:
+    names = list(DTYPE_VALUES)
+    ops = [infer("echo", x=(dt, DTYPE_VALUES[dt])) for dt in names]
+    ops.append({"op": "infer", "model": "echo",
+                "inputs": {"m": {"dtype": "INT32", "data": list(range(6)), "shape": [2, 3]}}})
+    ops.append(infer("echo", raw=("BYTES", RAW_BYTES)))
+    results = run(peer.url, ops)
+    for dt, result in zip(names, results[:len(names)], strict=True):
+        if peer.kind == "kserve" and dt == "BF16":
+            # KServe's Python server decodes tensors with numpy, which has no bfloat16: a typed
+            # refusal carrying the server's message, not a wrong answer
+            assert result["error"] == "InvalidInputException" and "(HTTP 400)" in result["message"], result
+            continue
+        assert "error" not in result, (dt, result)
+        values = DTYPE_VALUES[dt]
+        assert result["outputs"]["x"] == {"dtype": dt, "shape": [len(values)], "data": values}
+    assert results[-2]["outputs"]["m"] == {"dtype": "INT32", "shape": [2, 3], "data": [[0, 1, 2], [3, 4, 5]]}
+    if peer.kind == "kserve":
+        assert results[-1]["error"] == "ModelException" and "UTF-8" in results[-1]["message"]
+    else:
+        assert results[-1]["outputs"]["raw"]["data"] == RAW_BYTES
+
+
+def test_a_digits_batch_gives_the_models_logits(peer: Peer) -> None:
+    import torch
+
+    from tensorbridge.models.digits import create
+
+    rows = (torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64) * 7 % 17).tolist()
+    with torch.no_grad():
+        expected = create().eval()(torch.tensor(rows)).tolist()
+    (one, many, batch) = run(peer.url, [
+        infer("digits", input=("FP32", rows)),
+        {"op": "infer_many", "model": "echo",
+         "inputs": [{"v": {"dtype": "INT64", "data": [i] * (i + 1)}} for i in range(3)]},
+        {"op": "infer_batch", "model": "digits", "inputs": [
+            {"input": {"dtype": "FP32", "data": rows[:1]}},
+            {"input": {"dtype": "FP32", "data": [[1.0, 2.0]]}},
+            {"input": {"dtype": "FP32", "data": rows[1:3]}}]},
+    ])
+    logits = one["outputs"]["logits"]
+    assert logits["shape"] == [4, 10]
+    assert _flat(logits["data"]) == pytest.approx(_flat(expected), abs=1e-4)
+    assert [r["v"]["data"] for r in many] == [[0], [1, 1], [2, 2, 2]]
+    assert _flat(batch[0]["outputs"]["logits"]["data"]) == pytest.approx(_flat(expected[:1]), abs=1e-4)
+    assert batch[1]["error"] == "InvalidInputException"  # one bad item fails alone
+    assert _flat(batch[2]["outputs"]["logits"]["data"]) == pytest.approx(_flat(expected[1:3]), abs=1e-4)
+
+
+def test_server_errors_become_the_typed_exceptions(peer: Peer) -> None:
+    unknown, shape, failing, after, breaker = run(peer.url, [
+        infer("no-such-model", x=("FP32", [1.0])),
+        infer("digits", input=("FP32", [[1.0, 2.0]])),
+        infer("fail", x=("FP32", [1.0])),
+        infer("echo", x=("FP32", [1.0])),
+        {"op": "breaker"},
+    ])
+    assert unknown["error"] == "ModelNotFoundException" and unknown["code"] == "MODEL_NOT_FOUND"
+    assert 'model "no-such-model" is not loaded on the server' in unknown["message"]
+    assert shape["error"] == "InvalidInputException" and shape["code"] == "INVALID_INPUT"
+    assert failing["error"] == "ModelException" and failing["code"] == "MODEL_ERROR"
+    assert after["outputs"]["x"]["data"] == [1.0]
+    assert breaker["state"] == "closed"  # the server answered every time: it is up
+
+
+def test_a_timeout_is_a_timeout_and_the_next_call_works(peer: Peer) -> None:
+    slow, fine = run(peer.url, [infer("sleep", ms=("FP32", [1500.0])), infer("echo", x=("INT32", [3]))],
+                     timeout=0.3)
+    assert slow["error"] in ("TimeoutException", "DeadlineExceededException"), slow
+    assert "0.300 s" in slow["message"] or slow["code"] == "DEADLINE_EXCEEDED", slow
+    assert fine["outputs"]["x"]["data"] == [3]
+
+
+def test_keep_alive_serves_every_call_on_one_connection(peer: Peer) -> None:
+    before = _get(peer.url + "/test/connections")["connections"] if peer.kind == "kserve" else None
+    results = run(peer.url, [{"op": "models"}] + [infer("echo", x=("FP32", [float(i)])) for i in range(20)]
+                  + [{"op": "connects"}])
+    assert all("error" not in r for r in results[:-1])
+    assert results[-1]["connects"] == 1
+    if before is not None:  # the server saw one client port for all 21 + metadata requests
+        assert _get(peer.url + "/test/connections")["connections"] == before + 1
+
+
+def test_a_missing_or_wrong_token_is_unauthorized(peer: Peer) -> None:
+    for token in (None, "wrong-token"):
+        denied, breaker = run(peer.url, [infer("echo", x=("FP32", [1.0])), {"op": "breaker"}], token=token)
+        assert denied["error"] == "UnauthorizedException" and denied["code"] == "UNAUTHORIZED", denied
+        assert "check the bearer token" in denied["message"]
+        assert breaker["state"] == "closed"  # a refusal is not an outage
+
+
+def test_a_server_that_is_down_fails_fast_then_the_breaker_opens(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    ops = [infer("echo", x=("FP32", [1.0]))] * 3 + [{"op": "breaker"}]
+    first, second, third, breaker = run(url, ops, timeout=30.0, breaker_threshold=2, state_dir=str(tmp_path))
+    for failed in (first, second):
+        # refused at once, not after the 30 s timeout; retried (3 connect attempts) first
+        assert failed["error"] == "ConnectionException" and "cannot connect to " + url in failed["message"]
+        assert "3 attempts" in failed["message"]
+    assert third["error"] == "CircuitOpenException"
+    assert breaker["state"] == "open"
