@@ -3,28 +3,34 @@ answered (lastTiming), the versions models() lists; real server, real PHP proces
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from repo_fixtures import LINEAR_CONFIG, write_config, write_version
 
-from conftest import php
+from conftest import ServerProcess, php
 
-pytestmark = pytest.mark.usefixtures("leak_check")
+# One server for the module (no test here reloads, unloads or stops it), on one xdist worker:
+# each server start costs ~2 s of CPU importing torch.
+pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.xdist_group("php_versions")]
 
 ECHO = ["echo=tensorbridge.models.testing:echo"]
 #: version -> (a, b) of y = a * x + b
 LINES = {1: (2.0, 1.0), 2: (3.0, 0.0)}
 
 
-@pytest.fixture
-def server(make_server, tmp_path: Path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp_path = tmp_path_factory.mktemp("versions")
     repo = tmp_path / "repo"
     write_config(repo, "linear", LINEAR_CONFIG + 'version_policy = "all"\n'
                  '[routing]\nsplit = { "1" = 50, "2" = 50 }\n')
     for version, (a, b) in LINES.items():
         write_version(repo, "linear", version, a, b)
-    return make_server(ECHO, ["--repository", str(repo)])
+    args = [a for m in ECHO for a in ("--model", m)] + ["--repository", str(repo)]
+    srv = ServerProcess(str(tmp_path / "tb.sock"), args).start()
+    yield srv
+    srv.stop()
 
 
 def call(x: float, **route) -> dict:

@@ -24,10 +24,12 @@ from conftest import ROOT, headless_chromium, shm_snapshot
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="the browser test needs Debian's chromium and chromium-driver: run `make setup` "
-           "(or apt-get install chromium chromium-driver)")
+           "(or apt-get install chromium chromium-driver)"),
+    # one worker runs the module, so the web stack and the browser start once
+    pytest.mark.xdist_group("web")]
 
 from selenium import webdriver  # noqa: E402 - after the skip, which explains a missing browser
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
