@@ -148,6 +148,9 @@ def server_config(args: argparse.Namespace, environ: dict[str, str] | None = Non
 def _serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     check_models(config)
+    from .listeners import check_config
+
+    check_config(config)  # a listener beyond loopback without token or TLS: exit 2 now
     configure_logging(config.log_level, config.log_format, capacity=config.log_buffer)
     log = logging.getLogger("tensorbridge")
     from .server import Server

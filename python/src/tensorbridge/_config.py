@@ -81,6 +81,22 @@ class ServerConfig:
                                 help="Prometheus `/metrics` TCP port; 0 = off")
     metrics_host: str = setting("127.0.0.1",
                                 help="address of `/metrics` (`0.0.0.0` exposes it)")
+    http_port: int = setting(0, minimum=0, maximum=65535,
+                             help="Open Inference Protocol (KServe v2) REST listener's TCP port; "
+                                  "0 = off")
+    http_host: str = setting("127.0.0.1", help="address of the REST listener; beyond loopback "
+                                               "it needs `http_token_file` or TLS")
+    grpc_port: int = setting(0, minimum=0, maximum=65535,
+                             help="Open Inference Protocol gRPC listener's TCP port "
+                                  "(`inference.GRPCInferenceService`); 0 = off")
+    grpc_host: str = setting("127.0.0.1", help="address of the gRPC listener; beyond loopback "
+                                               "it needs `http_token_file` or TLS")
+    http_token_file: str | None = setting(
+        None, help="file holding the bearer token both listeners require (`Authorization: "
+                   "Bearer ...`; health probes excepted); also enables model load/unload there")
+    tls_cert_file: str | None = setting(None, help="PEM certificate (chain) of both listeners: "
+                                                   "HTTPS and gRPC over TLS")
+    tls_key_file: str | None = setting(None, help="PEM private key of `tls_cert_file`")
     log_format: str = setting("text", choices=("text", "json"),
                               help="log lines on stderr; `json`: one object per line")
     log_buffer: int = setting(

@@ -56,6 +56,7 @@ METRIC_NAMES = frozenset({
     "tensorbridge_model_version_requests_total",
     "tensorbridge_model_version_ready",
     "tensorbridge_model_load_failures_total",
+    "tensorbridge_listener_requests_total",
 })
 
 
@@ -123,6 +124,11 @@ class Metrics:
         self._version_ready = Gauge("tensorbridge_model_version_ready",
                                     "1 while a model version is loaded and routed, else 0",
                                     ["model", "version"], registry=r)
+        self._listener = Counter(
+            "tensorbridge_listener_requests", "Inference requests answered through an Open "
+            "Inference Protocol listener (also counted in tensorbridge_requests_total), by "
+            "listener (http or grpc), model and status", ["listener", "model", "status"],
+            registry=r)
         self._load_failures = Counter("tensorbridge_model_load_failures",
                                       "Model versions that failed to load or warm up",
                                       ["model"], registry=r)
@@ -191,6 +197,10 @@ class Metrics:
         preprocess.observe(preprocess_s)
         compute.observe(compute_s)
         total.observe(total_s)
+
+    def listener_request(self, listener: str, model: str, status: str) -> None:
+        """One inference answered through the ``http`` or ``grpc`` listener."""
+        self._listener.labels(listener, self._model(model) if model else "", status).inc()
 
     def error(self, code: str, model: str | None = None) -> None:
         """One ERROR frame sent, e.g. ``error("invalid_input", "digits")``."""

@@ -40,6 +40,7 @@ from .._registry import Registry
 from .._request import Request
 from .._scheduler import ModelQueue, deadline_error
 from .._systemd import Notifier
+from ..listeners import Listeners
 from .accept import ONESHOT_IN, Admission, accept_pending, bind_listener, check_fd_limit
 from .connection import Connection
 from .heartbeat import Heartbeat
@@ -81,6 +82,8 @@ class Server:
         #: systemd's notify socket (READY=1, WATCHDOG=1), if the service manager gave one.
         self.notifier = Notifier()
         self.heartbeat = Heartbeat(self, self.notifier)
+        #: The Open Inference Protocol listeners (``http_port``, ``grpc_port``).
+        self.listeners = Listeners(self)
 
     @property
     def stopped(self) -> bool:
@@ -140,6 +143,11 @@ class Server:
                                        daemon=True) for i in range(self.config.io_threads)]
         for t in self._pool:
             t.start()
+        try:
+            self.listeners.start()
+        except (OSError, RuntimeError) as exc:  # a port taken (grpcio raises RuntimeError)
+            self.stop()
+            raise OSError(f"cannot start the Open Inference Protocol listeners: {exc}") from None
         log.info("serving %s on %s", ", ".join(self.models) or "no models", self.config.socket)
 
     def serve_forever(self) -> None:
@@ -163,7 +171,7 @@ class Server:
         end = time.monotonic() + timeout
         while True:
             with self._lock:
-                busy = sum(c.pending for c in self.connections)
+                busy = sum(c.pending for c in self.connections) + self.listeners.pending()
             if not busy:
                 break
             if time.monotonic() >= end:
@@ -200,6 +208,7 @@ class Server:
         self.heartbeat.stop()
         self.admission.close()
         self.notifier.close()
+        self.listeners.close()
         self.registry.stop()
         for conn in list(self.connections):
             conn.close()
