@@ -181,3 +181,25 @@ int tb_parse_infer(const uint8_t *body, size_t len, tb_infer *out) {
     }
     return TB_OK;
 }
+
+/* [offset, offset + nbytes) aligned and inside [0, size), without overflow. */
+static int in_region(uint64_t offset, uint64_t nbytes, uint64_t size) {
+    return offset % TB_ALIGN == 0 && offset <= size && nbytes <= size - offset;
+}
+
+int tb_fast_infer(const tb_infer *req, uint16_t frame_flags, const uint8_t *region,
+                  uint64_t region_size) {
+    if ((frame_flags & TB_FLAG_CRC) || region == NULL || region_size == 0) return TB_BAD;
+    if (req->out_capacity && !in_region(req->out_offset, req->out_capacity, region_size))
+        return TB_BAD;
+    for (uint8_t i = 0; i < req->n_inputs; i++) {
+        const tb_tensor *t = &req->inputs[i];
+        if (t->location != TB_LOCATION_REGION || t->dtype == TB_DTYPE_BYTES ||
+            t->dtype == TB_DTYPE_BF16 || !in_region(t->offset, t->nbytes, region_size))
+            return TB_BAD;
+        if (t->dtype == TB_DTYPE_BOOL)
+            for (uint64_t k = 0; k < t->nbytes; k++)
+                if (region[t->offset + k] > 1) return TB_BAD;
+    }
+    return TB_OK;
+}

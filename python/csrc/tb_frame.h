@@ -26,6 +26,9 @@
 #define TB_OPT_VERSION 0x01
 #define TB_OPT_ROUTING_KEY 0x02
 #define TB_DTYPE_BYTES 11
+#define TB_DTYPE_BOOL 1
+#define TB_DTYPE_BF16 10
+#define TB_ALIGN 64
 
 typedef struct {
     uint8_t type;
@@ -72,5 +75,11 @@ int tb_utf8_valid(const uint8_t *buf, size_t len);
 int tb_parse_header(const uint8_t *buf, size_t len, tb_header *out);
 /* Parse and validate an INFER body (§6.1, §6.3); region offsets are checked by the server. */
 int tb_parse_infer(const uint8_t *body, size_t len, tb_infer *out);
+/* Whether a parsed INFER may take the compiled fast path: no checksums, every input a
+ * non-BYTES, non-BF16 tensor in the region, aligned (§5.2) and inside region[0..size), BOOL
+ * items 0 or 1, and the output area aligned and inside it. TB_BAD sends the frame to the
+ * Python path, which answers the exact error (or serves the unusual request). */
+int tb_fast_infer(const tb_infer *req, uint16_t frame_flags, const uint8_t *region,
+                  uint64_t region_size);
 
 #endif

@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include "tb_frame.h"
+#include "tb_loop.h"
 
 static PyObject *parse_header(PyObject *self, PyObject *arg) {
     (void)self;
@@ -89,8 +90,17 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "tensorbridge._tbcore",
-    "The compiled frame parser of the TensorBridge server.", -1, methods,
+    "The compiled frame parser and event loop of the TensorBridge server.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__tbcore(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__tbcore(void) {
+    if (PyType_Ready(&LoopType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Loop", (PyObject *)&LoopType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

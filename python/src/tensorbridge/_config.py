@@ -54,6 +54,11 @@ class ServerConfig:
         4, minimum=2, maximum=256,
         help="threads serving sockets; one stays free for I/O, the others also compute "
              "requests for idle models")
+    loop: str = setting(
+        "c", choices=("c", "python"),
+        help="who serves the established connections: the compiled loop (c: frames, "
+             "bounds checks and replies in C, the GIL taken once per wake-up) or the Python "
+             "one; c falls back to python where the extension is not built")
     region_initial: int = setting(1 << 20, kind=MIB, key="region_initial_mb", minimum=0.0625,
                                   maximum=1 << 20, help="first size of a connection's region")
     region_cap: int = setting(1 << 30, kind=MIB, key="region_cap_mb", minimum=1,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .._config import ServerConfig
 from .._spec import ErrorCode, FrameType
 from .._wire import encode_error, encode_frame
-from .connection import Connection, hang_up
+from .connection import Peer, hang_up
 
 if TYPE_CHECKING:
     from .lifecycle import Server
@@ -67,8 +67,8 @@ class Admission:
         self.accepting = threading.Lock()
         self._lock = threading.Lock()  # guards every field below
         self._by_uid: Counter[int] = Counter()
-        self._last_seen: dict[Connection, float] = {}
-        self._silent: set[Connection] = set()  # not a byte received yet
+        self._last_seen: dict[Peer, float] = {}
+        self._silent: set[Peer] = set()  # not a byte received yet
         self._reserve: int | None = _open_reserve()
         #: Peers refused for lack of descriptors in the current episode, and since start.
         self.fd_refused = 0
@@ -92,19 +92,19 @@ class Admission:
             self._by_uid[uid] += 1
             return None
 
-    def opened(self, conn: Connection) -> None:
+    def opened(self, conn: Peer) -> None:
         """Start the silence clock of an admitted connection."""
         with self._lock:
             self._last_seen[conn] = time.monotonic()
             self._silent.add(conn)
 
-    def seen(self, conn: Connection) -> None:
+    def seen(self, conn: Peer) -> None:
         """The connection had an event: it is not idle."""
         if conn in self._last_seen:  # dict and set stores: atomic under the GIL
             self._last_seen[conn] = time.monotonic()
             self._silent.discard(conn)
 
-    def released(self, conn: Connection) -> bool:
+    def released(self, conn: Peer) -> bool:
         """Forget a closed connection; True when the listener should be switched on again."""
         with self._lock:
             self._silent.discard(conn)
@@ -117,7 +117,7 @@ class Admission:
             resume, self.paused = self.paused, False
         return resume
 
-    def idle(self, now: float) -> list[Connection]:
+    def idle(self, now: float) -> list[Peer]:
         """Connections to close: silent since accepted for ``silent_timeout``, or with
         nothing in flight and silent for ``idle_timeout``."""
         silent, idle = self.config.silent_timeout, self.config.idle_timeout
@@ -127,7 +127,7 @@ class Admission:
             stale = [c for c, seen in self._last_seen.items()
                      if (c in self._silent and 0 < silent < now - seen)
                      or 0 < idle < now - seen]
-        return [c for c in stale if c.pending == 0 and not c.owned]
+        return [c for c in stale if c.in_flight() == 0 and not c.owned]
 
     def out_of_descriptors(self, listener: socket.socket, exc: OSError) -> str:
         """Refuse one waiting peer with the reserve descriptor: ``"refused"`` (look for the
@@ -240,11 +240,7 @@ def _accept_all(server: Server) -> None:
             continue
         sock.setblocking(True)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEOUT)
-        conn = Connection(server, sock, pid, uid, gid)
-        admission.opened(conn)
-        server.adopt(conn)
-        log.debug("connection from pid %d (uid %d)", pid, uid)
-        server.watch(conn)
+        server.open_connection(sock, pid, uid, gid)
 
 
 def _allowed(config: ServerConfig, uid: int, gid: int) -> bool:

@@ -12,7 +12,7 @@ from .._spec import ErrorCode, FrameType
 from .._wire import encode_error
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from .connection import Peer
 
 log = logging.getLogger("tensorbridge")
 
@@ -22,7 +22,7 @@ def admin_uids(configured: list[int]) -> list[int]:
     return list(configured) if configured else sorted({os.getuid(), 0})
 
 
-def handle(conn: Connection, rid: int, body: bytes, seq: int) -> None:
+def handle(conn: Peer, rid: int, body: bytes, seq: int) -> None:
     """Check the peer, decode the command; ``list`` is answered at once, the others (which
     load or free models) from a thread of their own once done."""
     allowed = admin_uids(conn.server.config.admin_uid)
@@ -64,5 +64,5 @@ def _decode(body: bytes) -> tuple[str, str | None]:
     return request["command"], model
 
 
-def _ok(conn: Connection, rid: int, result: dict[str, Any]) -> bytes:
+def _ok(conn: Peer, rid: int, result: dict[str, Any]) -> bytes:
     return conn.frame(FrameType.ADMIN_OK, rid, json.dumps(result).encode())

@@ -62,7 +62,113 @@ def hang_up(sock: socket.socket) -> None:
         pass
 
 
-class Connection:
+class Peer:
+    """What the request path needs of a client connection, whichever loop serves it: the
+    region, the frame dispatch (shared here) and the ordered replies (each loop's own)."""
+
+    server: Server
+    peer_pid: int
+    peer_uid: int
+    peer_gid: int
+    region: Region | None
+    use_crc: bool
+    #: Whether a loop thread is parsing it now (idle connections are closed only when not).
+    owned: bool
+
+    def in_flight(self) -> int:
+        """Frames received and not answered yet."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the region and the socket."""
+        raise NotImplementedError
+
+    def emit(self, seq: int, frame: bytes, fds: list[int] | None = None) -> None:
+        """Send the reply to frame ``seq`` once every earlier reply is out."""
+        raise NotImplementedError
+
+    def answer(self, request: Request) -> None:
+        """In the thread that ran ``request``: write its reply, then count it finished."""
+        raise NotImplementedError
+
+    def answer_later(self, seq: int, work: Callable[[], bytes]) -> None:
+        """Run ``work`` in a thread of its own and send the frame it returns as the reply to
+        frame ``seq`` (slow commands: loading a model must not hold a loop thread)."""
+        raise NotImplementedError
+
+    def _submit(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def _region_changed(self) -> None:
+        """The region was made, grown or its checksum setting changed (before ATTACH_OK)."""
+
+    def _release(self) -> None:
+        """Leave the server's books and free the region (once, when closing)."""
+        self.server.forget(self)
+        if self.region is not None:
+            self.server.release_shm(self.region.size)
+            self.region.close()
+            self.region = None
+        log.debug("connection of pid %d closed", self.peer_pid)
+
+    # -- shared by both loops ------------------------------------------------------------
+
+    def frame(self, ftype: FrameType, rid: int, body: bytes = b"") -> bytes:
+        """A frame with this connection's checksum setting."""
+        return encode_frame(ftype, rid, body, self.use_crc)
+
+    def emit_error(self, seq: int, rid: int, exc: TensorBridgeError,
+                   model: str | None = None) -> None:
+        """Answer frame ``seq`` with an ERROR (counted in the metrics)."""
+        self.server.metrics.error(ErrorCode(exc.code).name, model)
+        self.emit(seq, self.frame(FrameType.ERROR, rid, encode_error(exc.code, str(exc))))
+
+    def _dispatch(self, header: Header, body: bytes, arrived: float, seq: int) -> None:
+        ftype, rid = header.type, header.request_id
+        if ftype == FrameType.INFER:
+            request = infer.build_request(self, rid, body, arrived, seq)
+            if request is not None:
+                self._submit(request)
+        elif ftype == FrameType.ATTACH:
+            self._attach(rid, body, seq)
+        elif ftype == FrameType.PING:
+            self.emit(seq, self.frame(FrameType.PONG, rid, self.server.status()))
+        elif ftype == FrameType.MODELS:
+            self.emit(seq, self.frame(FrameType.MODELS_OK, rid, self.server.metadata()))
+        elif ftype == FrameType.ADMIN:
+            admin.handle(self, rid, body, seq)
+        else:
+            raise ProtocolError(f"frame type {ftype.name} is not a request")
+
+    def _attach(self, rid: int, body: bytes, seq: int) -> None:
+        options, min_region = decode_attach(body)
+        config = self.server.config
+        if min_region > config.region_cap:
+            raise PayloadTooLargeError(
+                f"a region of {min_region} bytes was asked for; this server's cap is "
+                f"{config.region_cap} bytes (raise region_cap_mb, or send smaller tensors)")
+        current = self.region.size if self.region else 0
+        if current < max(min_region, 1):
+            size = min(max(min_region, 2 * current, config.region_initial), config.region_cap)
+            size = -(-size // PAGE) * PAGE
+            self.server.reserve_shm(size - current)
+            try:
+                region = Region(size)
+            except OSError:
+                self.server.release_shm(size - current)
+                raise
+            if self.region is not None:
+                self.region.close()
+            self.region = region
+        self.use_crc = bool(options & OPT_CRC)
+        assert self.region is not None  # kept, grown or made just above
+        self._region_changed()
+        ok = AttachOk(self.region.size, config.region_cap, MAX_BODY)
+        self.emit(seq, self.frame(FrameType.ATTACH_OK, rid, encode_attach_ok(ok)),
+                  [self.region.fd])
+
+
+class Connection(Peer):
     """One client: its socket, its private region, its unparsed bytes and its requests.
 
     At most one pool thread reads and parses a connection at a time (the one that got its
@@ -93,19 +199,17 @@ class Connection:
         self._send_seq = 0
         self._ready: dict[int, tuple[bytes, list[int]]] = {}
 
+    def in_flight(self) -> int:
+        return self.pending
+
     def close(self) -> None:
         """Release the region and the socket. The client's copy of the memfd is its own."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-        self.server.forget(self)
-        if self.region is not None:
-            self.server.release_shm(self.region.size)
-            self.region.close()
-            self.region = None
+        self._release()
         self.sock.close()
-        log.debug("connection of pid %d closed", self.peer_pid)
 
     def _close_when_idle(self) -> None:
         with self.lock:
@@ -278,55 +382,12 @@ class Connection:
             self.emit_error(seq, rid, InternalError(f"internal server error: {exc!r}"))
         return True
 
-    def _dispatch(self, header: Header, body: bytes, arrived: float, seq: int) -> None:
-        ftype, rid = header.type, header.request_id
-        if ftype == FrameType.INFER:
-            request = infer.build_request(self, rid, body, arrived, seq)
-            if request is not None:
-                self._submit(request)
-        elif ftype == FrameType.ATTACH:
-            self._attach(rid, body, seq)
-        elif ftype == FrameType.PING:
-            self.emit(seq, self.frame(FrameType.PONG, rid, self.server.status()))
-        elif ftype == FrameType.MODELS:
-            self.emit(seq, self.frame(FrameType.MODELS_OK, rid, self.server.metadata()))
-        elif ftype == FrameType.ADMIN:
-            admin.handle(self, rid, body, seq)
-        else:
-            raise ProtocolError(f"frame type {ftype.name} is not a request")
-
     def _submit(self, request: Request) -> None:
         with self.lock:
             self.pending += 1  # before the queue sees it: a worker may finish at once
         self.server.metrics.in_flight(1)
         if not self.server.dispatch(request):
             request.finish(infer.queue_full(request.model), 0)
-
-    def _attach(self, rid: int, body: bytes, seq: int) -> None:
-        options, min_region = decode_attach(body)
-        config = self.server.config
-        if min_region > config.region_cap:
-            raise PayloadTooLargeError(
-                f"a region of {min_region} bytes was asked for; this server's cap is "
-                f"{config.region_cap} bytes (raise region_cap_mb, or send smaller tensors)")
-        current = self.region.size if self.region else 0
-        if current < max(min_region, 1):
-            size = min(max(min_region, 2 * current, config.region_initial), config.region_cap)
-            size = -(-size // PAGE) * PAGE
-            self.server.reserve_shm(size - current)
-            try:
-                region = Region(size)
-            except OSError:
-                self.server.release_shm(size - current)
-                raise
-            if self.region is not None:
-                self.region.close()
-            self.region = region
-        self.use_crc = bool(options & OPT_CRC)
-        assert self.region is not None  # kept, grown or made just above
-        ok = AttachOk(self.region.size, config.region_cap, MAX_BODY)
-        self.emit(seq, self.frame(FrameType.ATTACH_OK, rid, encode_attach_ok(ok)),
-                  [self.region.fd])
 
     # -- replying (any thread) ---------------------------------------------------------------
 
@@ -345,13 +406,3 @@ class Connection:
             except OSError as exc:
                 log.debug("connection of pid %d: reply failed: %s", self.peer_pid, exc)
                 self.eof = True  # stop reading; close when nothing is pending
-
-    def frame(self, ftype: FrameType, rid: int, body: bytes = b"") -> bytes:
-        """A frame with this connection's checksum setting."""
-        return encode_frame(ftype, rid, body, self.use_crc)
-
-    def emit_error(self, seq: int, rid: int, exc: TensorBridgeError,
-                   model: str | None = None) -> None:
-        """Answer frame ``seq`` with an ERROR (counted in the metrics)."""
-        self.server.metrics.error(ErrorCode(exc.code).name, model)
-        self.emit(seq, self.frame(FrameType.ERROR, rid, encode_error(exc.code, str(exc))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,11 +28,13 @@ from .._spec import (
     LOCATION_INLINE,
     LOCATION_REGION,
     MAX_BODY,
+    DType,
     ErrorCode,
     FrameType,
 )
 from .._wire import (
     InferReply,
+    InferRequest,
     TensorDesc,
     crc32c,
     decode_bytes_items,
@@ -42,7 +45,7 @@ from .._wire import (
 )
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from .connection import Peer
 
 log = logging.getLogger("tensorbridge")
 _SMALL = 1 << 16  # outputs up to this size are written with one bytes copy
@@ -52,11 +55,28 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: int
+def build_request(conn: Peer, rid: int, body: bytes, arrived: float, seq: int
                   ) -> Request | None:
     """Decode, validate and preprocess an INFER; None when it was already answered with an
     error about its inputs. Frame-level problems (unknown model, draining) raise."""
     frame = decode_infer(body)
+
+    def inputs() -> tuple[dict[str, Any], dict[str, tuple[DType, tuple[int, ...]]]]:
+        if frame.out_capacity:
+            _check_range(conn, "output area", frame.out_offset, frame.out_capacity)
+        return ({d.name: _input(conn, d, frame.inline) for d in frame.inputs},
+                {d.name: (d.dtype, d.shape) for d in frame.inputs})
+
+    return admit(conn, rid, seq, arrived, frame, inputs)
+
+
+def admit(conn: Peer, rid: int, seq: int, arrived: float, frame: InferRequest,
+          inputs: Callable[[], tuple[dict[str, Any], dict[str, tuple[DType, tuple[int, ...]]]]]
+          ) -> Request | None:
+    """The checks and preprocessing of a decoded INFER, whose tensors ``inputs()`` makes (and
+    whose (dtype, shape) by name it gives for the signature check): a ``Request``, or None
+    when it was already answered with an error about its inputs. Frame-level problems
+    (unknown model, draining) raise."""
     server = conn.server
     if server.draining:
         raise OverloadedError("the server is shutting down and takes no new requests; "
@@ -66,28 +86,27 @@ def build_request(conn: Connection, rid: int, body: bytes, arrived: float, seq: 
     model, queue = served.model, served.queue
     assert model is not None and queue is not None  # resolve gives ready versions only
     try:
-        if frame.out_capacity:
-            _check_range(conn, "output area", frame.out_offset, frame.out_capacity)
-        inputs = {d.name: _input(conn, d, frame.inline) for d in frame.inputs}
-        problem = model.signature.check_inputs(
-            {d.name: (d.dtype, d.shape) for d in frame.inputs})
+        tensors, given = inputs()
+        problem = model.signature.check_inputs(given)
         if problem:
             raise InvalidInputError(f"model {model.name!r}: {problem}")
-        t0 = time.monotonic()
-        inputs = model.preprocess(inputs)
-        preprocess_s = time.monotonic() - t0
+        preprocess_s = 0.0
+        if model.pipeline.preprocess is not None:
+            t0 = time.monotonic()
+            tensors = model.preprocess(tensors)
+            preprocess_s = time.monotonic() - t0
     except TensorBridgeError as exc:
         served.release()
         conn.emit_error(seq, rid, exc, model.name)
-        _count(conn, model, ErrorCode(exc.code).name.lower(), 0, 0, 0,
+        count(conn, model, ErrorCode(exc.code).name.lower(), 0, 0, 0,
                time.monotonic() - arrived)
         return None
     except BaseException:
         served.release()
         raise
     deadline = arrived + frame.timeout_us / 1e6 if frame.timeout_us else None
-    rows, key = batch_key(inputs, model.pipeline.pad) if queue.batching else (None, None)
-    return Request(frame, rid, seq, conn, model, inputs, arrived, deadline, rows=rows, key=key,
+    rows, key = batch_key(tensors, model.pipeline.pad) if queue.batching else (None, None)
+    return Request(frame, rid, seq, conn, model, tensors, arrived, deadline, rows=rows, key=key,
                    preprocess_s=preprocess_s, served=served)
 
 
@@ -97,7 +116,7 @@ def queue_full(model: LoadedModel) -> OverloadedError:
                            "(max_queue); retry later or raise max_queue")
 
 
-def reply_frame(conn: Connection, request: Request) -> bytes:
+def reply_frame(conn: Peer, request: Request) -> bytes:
     """The INFER_OK (outputs written to the region) or ERROR frame of a finished request.
 
     Drops the request's inputs and outputs: views into the region must not outlive it."""
@@ -112,7 +131,7 @@ def reply_frame(conn: Connection, request: Request) -> bytes:
         request.result = None
 
 
-def _reply(conn: Connection, request: Request) -> bytes:
+def _reply(conn: Peer, request: Request) -> bytes:
     outcome, model, rid = request.result, request.model, request.request_id
     if isinstance(outcome, TensorBridgeError):
         # Not raised: a raised error's traceback would make a reference cycle through
@@ -141,33 +160,41 @@ def _reply(conn: Connection, request: Request) -> bytes:
     reply.preprocess_us = int(pre_s * 1e6)
     reply.batch_size = request.batch_rows
     reply.version = model.version
-    _count(conn, model, "ok", queue_s, pre_s, compute_s, done - request.arrived)
+    record_ok(conn, request, queue_s, pre_s, compute_s, done)
+    return conn.frame(FrameType.INFER_OK, rid, encode_infer_ok(reply))
+
+
+def record_ok(conn: Peer, request: Request, queue_s: float, pre_s: float, compute_s: float,
+              done: float) -> None:
+    """Count an answered request in the metrics, and log it if slow."""
+    model = request.model
+    count(conn, model, "ok", queue_s, pre_s, compute_s, done - request.arrived)
     total_ms = (done - request.arrived) * 1000
     slow = conn.server.config.slow_ms
     if slow and total_ms > slow:
         log.warning("slow request: model %r took %.1f ms (queued %.1f ms)", model.name,
                     total_ms, queue_s * 1000,
-                    extra={"model": model.name, "rid": rid, "total_ms": round(total_ms, 3),
-                           "queue_ms": round(queue_s * 1000, 3)})
-    return conn.frame(FrameType.INFER_OK, rid, encode_infer_ok(reply))
+                    extra={"model": model.name, "rid": request.request_id,
+                           "total_ms": round(total_ms, 3), "queue_ms": round(queue_s * 1000, 3)})
 
 
-def _error_frame(conn: Connection, request: Request, error: TensorBridgeError) -> bytes:
+def _error_frame(conn: Peer, request: Request, error: TensorBridgeError) -> bytes:
     status = ErrorCode(error.code).name.lower()
     conn.server.metrics.error(status, request.model.name)
-    _count(conn, request.model, status, 0, 0, 0, time.monotonic() - request.arrived)
+    count(conn, request.model, status, 0, 0, 0, time.monotonic() - request.arrived)
     return conn.frame(FrameType.ERROR, request.request_id, encode_error(error.code, str(error)))
 
 
-def _count(conn: Connection, model: LoadedModel, status: str, queue_s: float, pre_s: float,
-           compute_s: float, total_s: float) -> None:
+def count(conn: Peer, model: LoadedModel, status: str, queue_s: float, pre_s: float,
+          compute_s: float, total_s: float) -> None:
+    """Record one answered INFER in the metrics."""
     metrics = conn.server.metrics
     metrics.request_done(model.name, status, queue_s=queue_s, preprocess_s=pre_s,
                          compute_s=compute_s, total_s=total_s)
     metrics.version_request(model.name, model.version, status)
 
 
-def _check_range(conn: Connection, what: str, offset: int, nbytes: int) -> None:
+def _check_range(conn: Peer, what: str, offset: int, nbytes: int) -> None:
     if conn.region is None:
         raise ProtocolError(f"{what} refers to the region, but no ATTACH was sent on this "
                             "connection")
@@ -178,7 +205,7 @@ def _check_range(conn: Connection, what: str, offset: int, nbytes: int) -> None:
                             f"{conn.region.size}-byte region")
 
 
-def _input(conn: Connection, d: TensorDesc, inline: memoryview | bytes) -> Any:
+def _input(conn: Peer, d: TensorDesc, inline: memoryview | bytes) -> Any:
     region = conn.region
     if d.location == LOCATION_REGION:
         _check_range(conn, f"input {d.name!r}", d.offset, d.nbytes)
@@ -213,7 +240,7 @@ def _input(conn: Connection, d: TensorDesc, inline: memoryview | bytes) -> Any:
     return tensor
 
 
-def _place_outputs(conn: Connection, outputs: dict[str, Any], out_offset: int,
+def _place_outputs(conn: Peer, outputs: dict[str, Any], out_offset: int,
                    out_capacity: int) -> InferReply:
     region, use_crc = conn.region, conn.use_crc
     prepared = [_prepare_output(name, value) for name, value in outputs.items()]

@@ -42,7 +42,9 @@ from .._scheduler import ModelQueue, deadline_error
 from .._systemd import Notifier
 from ..listeners import Listeners
 from .accept import ONESHOT_IN, Admission, accept_pending, bind_listener, check_fd_limit
-from .connection import Connection
+from .cloop import CLoop
+from .cloop import available as cloop_available
+from .connection import Connection, Peer
 from .heartbeat import Heartbeat
 
 log = logging.getLogger("tensorbridge")
@@ -58,7 +60,7 @@ class Server:
         self.registry = Registry(config.models, config.repository, self._make_queue,
                                  self.metrics, config.poll_interval)
         self._ready_made = list(models or ())
-        self.connections: set[Connection] = set()
+        self.connections: set[Peer] = set()
         #: Connections accepted since start (shown by PING, used to check reuse).
         self.accepted = 0
         #: The listening socket while accepting (None before start and once draining).
@@ -72,6 +74,9 @@ class Server:
         self._resumed: deque[Connection] = deque()
         self._pool: list[threading.Thread] = []
         self._computing = 0  # pool threads running a request inline
+        #: The compiled loop serving the connections (``loop = "c"``), else None.
+        self._cloop: CLoop | None = None
+        self._io_count = 0  # threads that serve connections (one is kept free for I/O)
         self._stopped = threading.Event()
         self._shm_lock = threading.Lock()
         self._shm_total = 0
@@ -139,8 +144,18 @@ class Server:
         self._handlers[self.heartbeat.fd] = self.heartbeat.on_tick
         self._epoll.register(self.heartbeat.fd, select.EPOLLIN)
         self.heartbeat.start()
+        pool = self.config.io_threads
+        if self.config.loop == "c" and cloop_available():
+            # Connections are served by C threads; the pool only accepts, ticks, expires.
+            self._cloop = CLoop(self)
+            self._cloop.start(self.config.io_threads)
+            pool = 1
+        elif self.config.loop == "c":
+            log.warning("the compiled loop is not built (make ext / pip install): serving "
+                        "connections with the Python loop")
+        self._io_count = self.config.io_threads
         self._pool = [threading.Thread(target=self._serve_events, name=f"tb-io-{i}",
-                                       daemon=True) for i in range(self.config.io_threads)]
+                                       daemon=True) for i in range(pool)]
         for t in self._pool:
             t.start()
         try:
@@ -171,7 +186,7 @@ class Server:
         end = time.monotonic() + timeout
         while True:
             with self._lock:
-                busy = sum(c.pending for c in self.connections) + self.listeners.pending()
+                busy = sum(c.in_flight() for c in self.connections) + self.listeners.pending()
             if not busy:
                 break
             if time.monotonic() >= end:
@@ -205,6 +220,8 @@ class Server:
         self._wake()  # never drained once stopped: every pool thread sees it and leaves
         for t in self._pool:
             t.join(timeout=10)
+        if self._cloop is not None:
+            self._cloop.stop()
         self.heartbeat.stop()
         self.admission.close()
         self.notifier.close()
@@ -224,7 +241,7 @@ class Server:
         return json.dumps({"server": "tensorbridge", "version": __version__, "protocol": 1,
                            "pid": os.getpid(), "connections_accepted": self.accepted,
                            "connections_open": len(self.connections),
-                           "requests_in_flight": sum(c.pending for c in list(self.connections)),
+                           "requests_in_flight": sum(c.in_flight() for c in list(self.connections)),
                            "ready": self.ready(),
                            "models": self.registry.names()}).encode()
 
@@ -276,7 +293,7 @@ class Server:
         queue = request.served.queue
         with self._lock:
             # Keep one thread waiting on epoll: never let the last one go compute.
-            spare = self._computing < len(self._pool) - 1
+            spare = self._computing < self._io_count - 1
             instance = queue.try_claim() if spare else None
             if instance is not None:
                 self._computing += 1
@@ -318,13 +335,36 @@ class Server:
 
     # -- the connections' books ----------------------------------------------------------
 
-    def adopt(self, conn: Connection) -> None:
+    def open_connection(self, sock: socket.socket, pid: int, uid: int, gid: int) -> None:
+        """Serve an accepted, admitted peer: file it and start delivering its frames."""
+        log.debug("connection from pid %d (uid %d)", pid, uid)
+        if self._cloop is not None:
+            served = self._cloop.connect(sock, pid, uid, gid)
+            self.admission.opened(served)
+            self.adopt(served)
+            self._cloop.watch(served)
+            return
+        conn = Connection(self, sock, pid, uid, gid)
+        self.admission.opened(conn)
+        self.adopt(conn)
+        self.watch(conn)
+
+    def deadline_queued(self) -> None:
+        """A request with a deadline was queued by a compiled-loop thread: have the pool
+        thread recompute when to expire queued requests."""
+        self._wake()
+
+    def adopt(self, conn: Peer) -> None:
         """Count a freshly accepted connection and route its events to it."""
         with self._lock:
             self.connections.add(conn)
             self.accepted += 1
-            self._handlers[conn.fd] = lambda: self._on_event(conn)
+            if isinstance(conn, Connection):
+                self._handlers[conn.fd] = self._event_handler(conn)
         self.metrics.connections(1)
+
+    def _event_handler(self, conn: Connection) -> Callable[[], None]:
+        return lambda: self._on_event(conn)
 
     def _on_event(self, conn: Connection) -> None:
         self.admission.seen(conn)  # not idle
@@ -380,17 +420,18 @@ class Server:
         except (OSError, ValueError):
             pass  # closed meanwhile
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: Peer) -> None:
         """Drop a closed connection from epoll and the books."""
         with self._lock:
             if conn not in self.connections:
                 return
             self.connections.discard(conn)
-            self._handlers.pop(conn.fd, None)
+            if isinstance(conn, Connection):
+                self._handlers.pop(conn.fd, None)
         self.metrics.connections(-1)
         if self.admission.released(conn):
             self.listen(True)  # a descriptor is free again
-        if self._epoll is not None:
+        if self._epoll is not None and isinstance(conn, Connection):
             try:
                 self._epoll.unregister(conn.fd)
             except (OSError, ValueError):
