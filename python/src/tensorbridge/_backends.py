@@ -9,6 +9,7 @@ pipelines, batching, instances and metrics whatever the backend is.
 * ``eager``: ``package.module:factory`` or a ``model.py`` file exporting ``create()``, with
   optional weights (``.pth``/``.safetensors``).
 * ``onnx``: a ``.onnx`` file run by ONNX Runtime (``pip install 'tensorbridge[onnx]'``).
+* ``remote``: ``grpc://host:port``, an Open Inference Protocol server elsewhere (``_remote``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ._remote import is_remote, load_remote
 from ._spec import BY_TORCH
 
 if TYPE_CHECKING:
@@ -39,7 +41,9 @@ _ONNX_TYPES = {
 
 
 def backend_name(source: str) -> str:
-    """Which backend serves ``source``: ``onnx``, ``eager`` or ``torchscript``."""
+    """Which backend serves ``source``: ``remote``, ``onnx``, ``eager`` or ``torchscript``."""
+    if is_remote(source):
+        return "remote"
     if source.endswith(".onnx"):
         return "onnx"
     if source.endswith(".py") or (":" in source and not Path(source).exists()):
@@ -50,6 +54,8 @@ def backend_name(source: str) -> str:
 def load_backend(config: ModelConfig) -> tuple[Any, dict[str, Any]]:
     """(module, declared signature) for ``config.source``; ``ValueError`` says what is wrong."""
     kind = backend_name(config.source)
+    if kind == "remote":
+        return load_remote(config)
     if kind == "onnx":
         return _load_onnx(config)
     if kind == "eager":

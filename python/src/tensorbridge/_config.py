@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._models import ModelConfig
+from ._remote import is_remote
 from ._settings import MIB, MODE, ConfigError, apply, schema, setting, unknown_key
 from ._settings import parse_mode as parse_mode
 
@@ -223,6 +224,10 @@ def _model_from_table(name: str, table: dict[str, Any], where: str, base: Path) 
         table["postprocess"] = {**post, "labels": str(base / labels)}  # type: ignore[dict-item]
     model = ModelConfig(name=name, source="", origin=where)
     apply(model, MODEL_SETTINGS, table, where, elsewhere={k: "[server]" for k in _SERVER_KEYS})
+    if model.remote:  # the remote backend: its URL is the source
+        if model.source:
+            raise ConfigError(f"{where} has both source and remote; allowed: one of them")
+        model.source = model.remote
     return model
 
 
@@ -280,6 +285,8 @@ def _check_socket_ids(config: ServerConfig) -> None:
 
 
 def _source_problem(source: str, name: str, repository: Path | None) -> str | None:
+    if is_remote(source):  # reachable or not, the remote is asked when the model loads
+        return None
     if not source:  # the repository's folder of that name gives it
         if repository is None or not (repository / name).is_dir():
             return f"none, and no repository folder {name!r} exists to take it from"

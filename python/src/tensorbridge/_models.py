@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._backends import backend_name, forward_inputs, load_backend
-from ._errors import ModelError
+from ._errors import ModelError, TensorBridgeError
 from ._pipeline import Pipeline, PipelineConfigError
 from ._settings import setting
 from ._signature import ANY, Signature
@@ -82,6 +82,24 @@ class ModelConfig:
         help="repository models: which versions to serve")
     routing: dict[str, Any] | None = setting(
         None, help="A/B routing (`[models.NAME.routing]`): `{split = {\"1\" = 90, \"2\" = 10}}`")
+    remote: str | None = setting(
+        None, cli=False, help="`grpc://HOST:PORT` (or `grpcs://`) of an Open Inference Protocol "
+                              "gRPC server that runs the model (the remote backend, instead of "
+                              "`source`)")
+    remote_model: str | None = setting(None, help="the model's name on the remote; none = NAME")
+    remote_version: str | None = setting(None, help="the version asked of the remote; none = "
+                                                    "the remote's default")
+    remote_timeout: float = setting(30.0, minimum=0.001, help="gRPC deadline (s) of a remote "
+                                    "call when the request's own remaining deadline is longer "
+                                    "or absent")
+    remote_pool: int = setting(1, minimum=1, maximum=64, help="gRPC channels (TCP connections) "
+                               "to the remote; calls in flight at once are `instances`")
+    remote_poll_interval: float = setting(1.0, minimum=0.05, maximum=3600, help="seconds between "
+                                          "ModelReady polls of the remote (the breaker)")
+    remote_token_file: str | None = setting(None, help="file holding a bearer token sent to "
+                                            "the remote as `authorization: Bearer ...`")
+    remote_ca_file: str | None = setting(None, help="PEM CA certificates of a `grpcs://` "
+                                         "remote; none = the system's")
     #: Where the settings came from (``file: [models.NAME]``), for messages.
     origin: str = field(default="", repr=False, compare=False)
 
@@ -179,6 +197,8 @@ class LoadedModel:
                 else:
                     result = self.module(*(inputs[s.name]
                                            for s in self._forward_signature.inputs))
+        except TensorBridgeError:  # a backend's typed error (the remote's): kept as it is
+            raise
         except Exception as exc:  # the model's own failure, reported to the caller
             raise ModelError(f"model {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         outputs = self._name_outputs(result)

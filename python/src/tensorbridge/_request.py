@@ -8,6 +8,7 @@ along in a dict of extras: every stage reads and writes named fields.
 from __future__ import annotations
 
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
     from ._models import LoadedModel
     from ._registry import ServedVersion
     from ._wire import InferRequest
+
+#: The earliest deadline (``time.monotonic()``) of the requests the current model call serves,
+#: set around each call by the model's queue: a backend that forwards the call elsewhere (the
+#: remote backend) passes the time left on as its own deadline.
+call_deadline: ContextVar[float | None] = ContextVar("tensorbridge_call_deadline", default=None)
 
 #: What a finished model call produced: the outputs by name, or the error to answer with.
 Outcome = dict[str, Any] | TensorBridgeError

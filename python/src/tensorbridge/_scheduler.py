@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from ._errors import DeadlineExceededError, InternalError, ModelError
+from ._errors import DeadlineExceededError, InternalError, ModelError, TensorBridgeError
 from ._models import LoadedModel
-from ._request import Request
+from ._request import Request, call_deadline
 from ._signature import ANY
 
 log = logging.getLogger("tensorbridge")
@@ -135,6 +135,10 @@ class ModelQueue:
             self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                               name=f"tb-watchdog-{model.name}")
             self._watchdog.start()
+        # A backend that can be unavailable (the remote one) says when it flips.
+        watch = getattr(model.module, "watch_availability", None)
+        if callable(watch):
+            watch(self._report_instances)
         self._report_instances()
 
     # -- submitting ------------------------------------------------------------------------
@@ -200,7 +204,9 @@ class ModelQueue:
             return len(self._jobs) + sum(len(i.jobs) for i in self._instances if i.healthy)
 
     def healthy_instances(self) -> int:
-        """Instances able to take work."""
+        """Instances able to take work (none while the backend is unavailable)."""
+        if not getattr(self.model.module, "available", True):
+            return 0
         with self._cv:
             return sum(i.healthy for i in self._instances)
 
@@ -316,6 +322,8 @@ class ModelQueue:
             return
         inst.jobs = live
         rows = sum(j.rows or 0 for j in live) if len(live) > 1 else (live[0].rows or 1)
+        deadlines = [j.deadline for j in live if j.deadline is not None]
+        token = call_deadline.set(min(deadlines) if deadlines else None)
         try:
             if len(live) == 1:
                 outputs = self.model.forward(live[0].inputs)
@@ -329,10 +337,12 @@ class ModelQueue:
             # clients' regions, which must not outlive the request (a cycle would keep them).
             # Not only ModelError: moving outputs off a device, stacking or splitting can
             # raise too, and every job must still be answered.
-            error = ModelError(str(exc) if isinstance(exc, ModelError) else
-                               f"model {self.model.name!r}: {type(exc).__name__}: {exc}")
+            # A backend's typed error (the remote's OVERLOADED or DEADLINE_EXCEEDED) keeps
+            # its type.
+            error = (type(exc)(str(exc)) if isinstance(exc, TensorBridgeError) else
+                     ModelError(f"model {self.model.name!r}: {type(exc).__name__}: {exc}"))
             del exc
-            if len(live) > 1 and inst.healthy:
+            if len(live) > 1 and inst.healthy and isinstance(error, ModelError):
                 # One request may have caused it: run each alone so only its caller fails.
                 for job in live:
                     self._run(inst, [job])
@@ -340,6 +350,8 @@ class ModelQueue:
             for job in live:
                 job.finish(error, rows)
             return
+        finally:
+            call_deadline.reset(token)
         self._record(rows)
         for job, part in zip(live, parts, strict=True):
             job.finish(part, rows)
