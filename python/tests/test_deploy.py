@@ -192,3 +192,116 @@ def test_metric_names_in_alerts_and_dashboard_exist() -> None:
         "tensorbridge_shm_cap_bytes"}, METRIC_NAMES - used
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# -- Kubernetes (deploy/kubernetes/): the node-local DaemonSet and the sidecar variant -------
+
+KUBE = DEPLOY / "kubernetes"
+#: The command every probe runs (docs/operations.md, "Kubernetes").
+HEALTH = "tensorbridge health"
+
+
+def _kube(name: str) -> list[dict]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all((KUBE / name).read_text()) if d]
+
+
+def _kube_config(tmp_path: Path) -> tuple[Path, str]:
+    """The ConfigMap's tensorbridge.toml as a file, and the socket it sets."""
+    from tensorbridge._config import ServerConfig
+
+    (configmap,) = _kube("configmap.yaml")
+    path = tmp_path / "tensorbridge.toml"
+    path.write_text(configmap["data"]["tensorbridge.toml"])
+    return path, ServerConfig.from_toml(str(path)).socket
+
+
+def _pod(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def _mount_dir(container: dict, pod: dict, volume_kind: str) -> tuple[str, dict]:
+    """(mountPath, volume) of the container's socket directory, a ``volume_kind`` volume."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if volume_kind in volume:
+            return mount["mountPath"], volume
+    raise AssertionError(f"{container['name']} mounts no {volume_kind} volume")
+
+
+def _probe_command(container: dict, probe: str) -> str:
+    return " ".join(container[probe]["exec"]["command"])
+
+
+def _check_server(container: dict, pod: dict, socket: str, volume_kind: str) -> None:
+    """A tensorbridge container: its flag, socket directory, probes and requests."""
+    args = container["args"]
+    assert args[0] == "serve" and args[args.index("--socket") + 1] == socket
+    config_dir = str(Path(args[args.index("--config") + 1]).parent)
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    config_volume = next(v for v in pod["volumes"] if v["name"] == mounts[config_dir])
+    assert config_volume["configMap"]["name"] == _kube("configmap.yaml")[0]["metadata"]["name"]
+    assert _mount_dir(container, pod, volume_kind)[0] == str(Path(socket).parent)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = _probe_command(container, probe)
+        assert HEALTH in command and f"--socket {socket}" in command, (probe, command)
+    # Readiness fails on any problem (a remote down too); liveness only when unreachable
+    # (exit 3): a remote outage must not restart the node's server.
+    assert container["readinessProbe"]["exec"]["command"][:2] == ["tensorbridge", "health"]
+    assert "$? -ne 3" in _probe_command(container, "livenessProbe")
+
+
+def _check_requests(pod: dict) -> None:
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        requests = container["resources"]["requests"]
+        assert requests.get("cpu") and requests.get("memory"), container["name"]
+
+
+def _check_php(container: dict, pod: dict, socket: str, volume_kind: str) -> dict:
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TENSORBRIDGE_SOCKET"] == socket
+    mount, volume = _mount_dir(container, pod, volume_kind)
+    assert mount == str(Path(socket).parent)
+    return volume
+
+
+def test_kubernetes_config_is_valid(tmp_path: Path) -> None:
+    path, socket = _kube_config(tmp_path)
+    assert socket.startswith("/run/tensorbridge/")
+    from conftest import run_cli
+
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_daemonset_shares_its_socket_with_php_pods_on_the_node(tmp_path: Path
+                                                                          ) -> None:
+    _, socket = _kube_config(tmp_path)
+    (daemonset,) = _kube("daemonset.yaml")
+    assert daemonset["kind"] == "DaemonSet"
+    pod = _pod(daemonset)
+    (server,) = [c for c in pod["containers"] if c["name"] == "tensorbridge"]
+    _check_server(server, pod, socket, "hostPath")
+    _check_requests(pod)
+    host_dir = _mount_dir(server, pod, "hostPath")[1]["hostPath"]["path"]
+    # The drain (SIGTERM) fits in the grace period.
+    assert pod["terminationGracePeriodSeconds"] > 10
+    (php_app,) = _kube("php-fpm-node-local.yaml")
+    php_pod = _pod(php_app)
+    volume = _check_php(php_pod["containers"][0], php_pod, socket, "hostPath")
+    assert volume["hostPath"]["path"] == host_dir
+    _check_requests(php_pod)
+
+
+def test_kubernetes_sidecar_shares_an_emptydir_socket_in_one_pod(tmp_path: Path) -> None:
+    _, socket = _kube_config(tmp_path)
+    (deployment,) = _kube("sidecar.yaml")
+    pod = _pod(deployment)
+    (server,) = [c for c in pod["initContainers"] if c["name"] == "tensorbridge"]
+    assert server["restartPolicy"] == "Always"  # a native sidecar: up before PHP-FPM
+    _check_server(server, pod, socket, "emptyDir")
+    (php_fpm,) = pod["containers"]
+    _check_php(php_fpm, pod, socket, "emptyDir")
+    _check_requests(pod)
