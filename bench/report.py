@@ -115,9 +115,9 @@ def render(res: dict[str, Any]) -> str:
     if res.get("S8"):
         out += ["", "## S8 sentence embeddings: all-MiniLM-L6-v2, one sentence per request", "",
                 text.table(res["S8"])]
-    if res.get("S9"):
-        out += ["", "## S9 model lifecycle: hot swaps under PHP load, ONNX Runtime vs torch", "",
-                swap.table(res["S9"])]
+    if res.get("S10"):
+        out += ["", "## S10 model lifecycle: hot swaps under PHP load, ONNX Runtime vs torch", "",
+                swap.table(res["S10"])]
     return "\n".join(out) + "\n"
 
 

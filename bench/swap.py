@@ -1,4 +1,4 @@
-"""S9: model lifecycle. Hot swaps under PHP load, and ONNX Runtime against torch.
+"""S10: model lifecycle. Hot swaps under PHP load, and ONNX Runtime against torch.
 
 * Swaps: 16 PHP processes call ``linear`` (y = a x + b, TorchScript, from a repository) in a
   loop; blocks without swaps alternate with blocks in which the model is reloaded back to
@@ -10,7 +10,7 @@
   ``torch.onnx.export`` and served from the same server with the same torch threads, one
   Python client, interleaved blocks.
 
-    python bench/run.py --only S9
+    python bench/run.py --only S10
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _start(tmp: Path, threads: int, models: list[str]) -> subprocess.Popen:
     end = time.monotonic() + 300
     while "ready on" not in (tmp / "server.log").read_text():
         if proc.poll() is not None or time.monotonic() > end:
-            raise RuntimeError("S9 server did not start: " + (tmp / "server.log").read_text())
+            raise RuntimeError("S10 server did not start: " + (tmp / "server.log").read_text())
         time.sleep(0.05)
     return proc
 
@@ -148,7 +148,7 @@ def onnx_vs_torch(sock: str, pairs: dict[str, tuple[str, str, Any]], calls: int,
 
 
 def scenario(threads: int, repeats: int, duration: float, quick: bool) -> dict[str, Any]:
-    """S9 as one record: swap figures and ONNX vs torch latencies."""
+    """S10 as one record: swap figures and ONNX vs torch latencies."""
     import torch
 
     from tensorbridge.models import digits, resnet
