@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import network
 import swap
 import text
 
@@ -115,6 +116,9 @@ def render(res: dict[str, Any]) -> str:
     if res.get("S8"):
         out += ["", "## S8 sentence embeddings: all-MiniLM-L6-v2, one sentence per request", "",
                 text.table(res["S8"])]
+    if res.get("S9"):
+        out += ["", "## S9 past one host: local socket, OIP listeners, the remote backend", "",
+                network.table(res["S9"])]
     if res.get("S10"):
         out += ["", "## S10 model lifecycle: hot swaps under PHP load, ONNX Runtime vs torch", "",
                 swap.table(res["S10"])]
@@ -216,6 +220,8 @@ def plots(res: dict[str, Any], img: Path) -> None:
     plt.close(fig)
     if res.get("S7"):
         batching_plot(res, img, plt)
+    if res.get("S9"):
+        network.plot(res["S9"], img, plt)
 
 
 def batching_plot(res: dict[str, Any], img: Path, plt: Any) -> None:

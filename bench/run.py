@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import network
 import probe
 import swap
 import text
@@ -148,8 +149,8 @@ class Services:
         return job
 
 
-def run_php(job: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(["php", "-d", "memory_limit=1G", str(PHP_CLIENT)],
+def run_php(job: dict[str, Any], client: Path = PHP_CLIENT) -> dict[str, Any]:
+    proc = subprocess.run(["php", "-d", "memory_limit=1G", str(client)],
                           input=json.dumps(job), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"PHP client failed for {job['mode']}: {proc.stderr or proc.stdout}")
@@ -538,6 +539,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         goal(f"S10 p99 of PHP callers during swaps <= p99 without + {swap.GOAL_MS:g} ms",
              [results["S10"]["p99_added_ms"]], swap.GOAL_MS, False,
              "p99 during back-to-back reloads - p99 without, in ms")
+    for name, ratios, detail in network.goal_ratios(results["S9"]) if results.get("S9") else ():
+        goal(name, ratios, 1.0, False, detail)
     s4 = results["S4"]
     goal("S4 overhead beyond preprocessing + model <= 0.3 ms",
          [r["tb_jpeg"]["extra"]["p50"] / 1000 for r in s4], 0.3, False,
@@ -622,6 +625,7 @@ def main() -> int:
         "S7": lambda: batching(svc, [1, 4, 16, 64] if not quick else [2], n(2, 1),
                                n(6.0, 0.5)),
         "S8": lambda: text.scenario(svc, repeats, n(5.0, 0.5), quick),
+        "S9": lambda: network.scenario(svc, latency_scenario, run_php, repeats, quick),
         "S10": lambda: swap.scenario(args.threads, repeats, n(3.0, 0.5), quick),
     }
     try:

@@ -303,3 +303,22 @@ def test_remote_killed_and_restarted_under_php_load(hosts: Hosts, tmp_path: Path
     down = [c for c in calls if c["r"] != "ok"]
     assert any("breaker is open" in c["msg"] for c in down), down[:5]
     assert shm_snapshot() == before
+
+
+def test_remote_key_is_the_models_source_and_is_checked(tmp_path: Path) -> None:
+    from tensorbridge._backends import backend_name
+    from tensorbridge._config import ServerConfig
+    from tensorbridge._settings import ConfigError
+
+    config = tmp_path / "tb.toml"
+    config.write_text('[models.m]\nremote = "grpc://10.0.0.2:8001"\nremote_model = "resnet"\n'
+                      'remote_timeout = 2.5\n')
+    (model,) = ServerConfig.from_toml(str(config)).models
+    assert model.source == "grpc://10.0.0.2:8001" and backend_name(model.source) == "remote"
+    assert (model.remote_model, model.remote_timeout) == ("resnet", 2.5)
+    config.write_text('[models.m]\nremote = "http://10.0.0.2:8000"\n')
+    with pytest.raises(ConfigError, match="remote = 'http://10.0.0.2:8000': .*grpc://HOST:PORT"):
+        ServerConfig.from_toml(str(config))
+    config.write_text('[models.m]\nremote = "grpc://h:1"\nsource = "m.pt"\n')
+    with pytest.raises(ConfigError, match="both source and remote"):
+        ServerConfig.from_toml(str(config))

@@ -15,6 +15,7 @@ import torch
 from ._backends import backend_name, forward_inputs, load_backend
 from ._errors import ModelError, TensorBridgeError
 from ._pipeline import Pipeline, PipelineConfigError
+from ._remote import url_problem
 from ._settings import setting
 from ._signature import ANY, Signature
 from ._spec import BY_NAME, BY_TORCH
@@ -83,12 +84,14 @@ class ModelConfig:
     routing: dict[str, Any] | None = setting(
         None, help="A/B routing (`[models.NAME.routing]`): `{split = {\"1\" = 90, \"2\" = 10}}`")
     remote: str | None = setting(
-        None, cli=False, help="`grpc://HOST:PORT` (or `grpcs://`) of an Open Inference Protocol "
+        None, cli=False, check=url_problem, accepts="grpc://HOST:PORT or grpcs://HOST:PORT",
+        help="`grpc://HOST:PORT` (or `grpcs://`) of an Open Inference Protocol "
                               "gRPC server that runs the model (the remote backend, instead of "
                               "`source`)")
-    remote_model: str | None = setting(None, help="the model's name on the remote; none = NAME")
-    remote_version: str | None = setting(None, help="the version asked of the remote; none = "
-                                                    "the remote's default")
+    remote_model: str | None = setting(None, cli=False,
+                                       help="the model's name on the remote; none = NAME")
+    remote_version: str | None = setting(None, cli=False, help="the version asked of the "
+                                         "remote; none = the remote's default")
     remote_timeout: float = setting(30.0, minimum=0.001, help="gRPC deadline (s) of a remote "
                                     "call when the request's own remaining deadline is longer "
                                     "or absent")

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tensorbridge")
 
-__all__ = ["RemoteModule", "is_remote", "load_remote"]
+__all__ = ["RemoteModule", "is_remote", "load_remote", "url_problem"]
 
 _SCHEMES = ("grpc", "grpcs")
 #: Typed ``contents`` fields of a response that came without raw bytes, by datatype.
@@ -64,6 +64,18 @@ _MAX_MESSAGE = 1 << 30
 def is_remote(source: str) -> bool:
     """Whether ``source`` names a remote OIP server (``grpc://`` or ``grpcs://``)."""
     return source.split("://", 1)[0] in _SCHEMES and "://" in source
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` is no ``grpc://HOST:PORT`` / ``grpcs://HOST:PORT``, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "not a URL"
+    if parts.scheme not in _SCHEMES or not parts.hostname or not port:
+        return "not grpc://HOST:PORT or grpcs://HOST:PORT"
+    return None
 
 
 def _api() -> Any:
@@ -101,10 +113,10 @@ class RemoteModule:
         self._pb = api.pb
         self.name = config.name
         self.url = config.remote or config.source
+        problem = url_problem(self.url)
+        if problem:
+            raise ValueError(f"model {self.name!r}: remote = {self.url!r}: {problem}")
         parts = urlsplit(self.url)
-        if parts.scheme not in _SCHEMES or not parts.hostname or not parts.port:
-            raise ValueError(f"model {self.name!r}: remote = {self.url!r} must be "
-                             "grpc://HOST:PORT or grpcs://HOST:PORT")
         self.target = f"{parts.hostname}:{parts.port}"
         self.remote_model = config.remote_model or config.name
         self.remote_version = config.remote_version or ""
