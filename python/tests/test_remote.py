@@ -89,20 +89,33 @@ def kserve_peer(port: int, prefix: list[str] = ()) -> Proc:
                  str(free_port())], "Uvicorn running")
 
 
-def local_server(tmp: Path, toml: str, prefix: list[str] = ()) -> tuple[Proc, str]:
+def tensorbridge(tmp: Path, name: str, toml: str, prefix: list[str] = (),
+                 extra: list[str] = ()) -> tuple[Proc, str]:
     """A ``tensorbridge serve`` with the models of ``toml``; (process, socket path)."""
-    config = tmp / "local.toml"
+    config = tmp / f"{name}.toml"
     config.write_text(toml)
-    sock = str(tmp / "tb.sock")
-    env_path = os.environ.get("PYTHONPATH", "")
-    return Proc([*prefix, "env", f"PYTHONPATH={env_path}", sys.executable, "-m",
-                 "tensorbridge", "serve", "--socket", sock, "--threads", "1", "--log-level",
-                 "info", "--config", str(config)], "ready on"), sock
+    sock = str(tmp / f"{name}.sock")
+    return Proc([*prefix, sys.executable, "-m", "tensorbridge", "serve", "--socket", sock,
+                 "--threads", "1", "--log-level", "info", "--config", str(config), *extra],
+                "ready on"), sock
 
 
-def remote_toml(url: str, **extra: object) -> str:
+def local_server(tmp: Path, toml: str, prefix: list[str] = ()) -> tuple[Proc, str]:
+    """The local server, whose models are remote ones."""
+    return tensorbridge(tmp, "local", toml, prefix)
+
+
+#: The remote TensorBridge's model: ``double`` is y = 2x + 1 for x FP32 [-1, 4] (and ``rows``).
+DOUBLE = """[models.double]
+source = "tensorbridge.models.testing:rows"
+options = {ms = 0.0}
+"""
+
+
+def remote_toml(url: str, models: tuple[str, ...] = ("double", "head", "slow"),
+                **extra: object) -> str:
     lines = []
-    for model in ("double", "head", "slow"):
+    for model in models:
         lines += [f"[models.{model}]", f'remote = "{url}"']
         lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
@@ -241,16 +254,27 @@ CALLERS = 4
 
 def test_remote_killed_and_restarted_under_php_load(hosts: Hosts, tmp_path: Path) -> None:
     """PHP processes call a remote model through the local socket while the remote host's
-    server is killed and started again: every call gets its answer or a typed error within
-    its deadline, the breaker opens while the remote is down (PING not ready, health fails,
-    calls refused at once), and calls succeed again after the restart."""
+    server (TensorBridge's own gRPC listener, bearer token: it binds beyond loopback) is
+    killed and started again: every call gets its answer or a typed error within its
+    deadline, the breaker opens while the remote is down (PING not ready, health fails, calls
+    refused at once), and calls succeed again after the restart."""
     before = shm_snapshot()
     port = 20000 + os.getpid() % 20000  # the remote host has no other listener
-    start_peer = lambda: kserve_peer(port, hosts.run_in(hosts.remote)).start()  # noqa: E731
+    token = tmp_path / "token"
+    token.write_text("remote-test-token-0123456789")
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+
+    def start_peer() -> Proc:
+        peer, _ = tensorbridge(remote_dir, "remote", DOUBLE, hosts.run_in(hosts.remote),
+                               ["--grpc-port", str(port), "--grpc-host", hosts.remote_ip,
+                                "--http-token-file", str(token)])
+        return peer.start()
+
     peer = start_peer()
     local, sock = local_server(tmp_path, remote_toml(
-        f"grpc://{hosts.remote_ip}:{port}", remote_poll_interval=0.2, remote_timeout=5.0),
-        hosts.run_in(hosts.local))
+        f"grpc://{hosts.remote_ip}:{port}", ("double",), remote_poll_interval=0.2,
+        remote_timeout=5.0, remote_token_file=str(token)), hosts.run_in(hosts.local))
     stop = tmp_path / "stop"
     progress = [tmp_path / f"progress.{w}" for w in range(CALLERS)]
     callers: list[subprocess.Popen] = []
@@ -277,6 +301,7 @@ def test_remote_killed_and_restarted_under_php_load(hosts: Hosts, tmp_path: Path
             peer = start_peer()
             wait_until(lambda: client.ping()["ready"] is True,
                        "the breaker closes once the remote is back", timeout=30)
+            t_back = time.time()
         at_restart = [_progress(p)[1] for p in progress]
         wait_until(lambda: all(_progress(p)[1] >= n + 5 for p, n in zip(progress, at_restart, strict=True)),
                    "every PHP caller gets answers again", timeout=30)
@@ -290,8 +315,8 @@ def test_remote_killed_and_restarted_under_php_load(hosts: Hosts, tmp_path: Path
     outcomes = {c["r"] for c in calls}
     print(f"{len(calls)} PHP calls: " + ", ".join(  # what the test saw (pytest -s)
         f"{sum(c['r'] == o for c in calls)} {o}" for o in sorted(outcomes))
-        + f"; slowest {max(c['ms'] for c in calls):.0f} ms; down "
-        f"{t_restart - t_kill:.1f} s")
+        + f"; slowest {max(c['ms'] for c in calls):.0f} ms; remote down "
+        f"{t_back - t_kill:.1f} s (killed, restarted {t_restart - t_kill:.1f} s later)")
     assert outcomes <= ALLOWED, [c for c in calls if c["r"] not in ALLOWED][:5]
     late = [c for c in calls if c["ms"] > PHP_TIMEOUT * 1000 + 250]
     assert not late, late[:5]  # no call outlived its deadline (the client's own bound)
