@@ -515,9 +515,13 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     goal("G4 602,112 B p50 >= 5x faster than HTTP+binary",
          [r["http_binary_large"]["p50"] / r["tb_large"]["p50"] for r in s2], 5.0, True,
          "HTTP+binary p50 / TensorBridge p50 (602,112 B in, 4 KB out; the model is ~free)")
+    # fromArray is timed on its own inside the S3 call; the whole call minus pack would add a
+    # 602,112-byte round trip (S2's figure) that is not fromArray's.
     goal("G5 fromArray of 150,528 floats <= pack + 1 ms",
-         [(r["tb_array"]["p50"] - r["pack_only"]["p50"]) / 1000 for r in s3], 1.0, False,
-         "(TensorBridge call from a PHP float array - pack('g*') alone), ms")
+         [(r["tb_array"]["extra"]["p50"] - r["pack_only"]["p50"]) / 1000 for r in s3], 1.0, False,
+         "(Tensor::fromArray p50 - pack('g*') p50), ms; the whole S3 call minus pack: "
+         + ", ".join(f"{(r['tb_array']['p50'] - r['pack_only']['p50']) / 1000:.2f}" for r in s3)
+         + " ms")
     ratios = []
     for rep in reps:
         tb, http = (_s5_rate(s5, rep, m, 16) for m in ("tb_resnet", "http_binary_resnet"))

@@ -161,6 +161,19 @@ final class CircuitBreakerTest extends TestCase
         self::assertEqualsWithDelta(5.0, $this->rejected($b)->getRetryAfter(), 1e-6);
     }
 
+    public function testAfterASuccessTheStoredStateIsReadAgainWithinATenthOfASecond(): void
+    {
+        $a = $this->breaker($this->store('file'), 1, 5.0);
+        $b = $this->breaker($this->store('file'), 1, 5.0);
+        $a->admit(1.0);
+        $a->recordSuccess(false);
+        $b->admit(1.0);
+        $b->recordFailure(false, 'down'); // another worker opens the circuit
+        self::assertFalse($a->admit(1.0), 'a call that reached the server just now trusts it');
+        $this->now += CircuitBreaker::TRUST_AFTER_SUCCESS;
+        $this->rejected($a);
+    }
+
     public function testFileStateIsSharedBetweenBreakersAndRemovedWhenClosed(): void
     {
         $a = $this->breaker($this->store('file'), 2, 5.0);

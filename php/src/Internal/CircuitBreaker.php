@@ -25,6 +25,15 @@ final class CircuitBreaker
 
     /** @var \Closure(): float */
     private readonly \Closure $clock;
+    /**
+     * Seconds after a call reached the server during which this breaker takes the circuit to be
+     * closed without reading the stored state: a busy worker then stats the shared state file at
+     * most ten times a second instead of once per call. Its own failure ends the window at once.
+     */
+    public const TRUST_AFTER_SUCCESS = 0.1;
+
+    /** until when (clock seconds) admit() trusts the last success instead of reading the store */
+    private float $trustedUntil = -INF;
     /** whether the last admit() saw stored failures (a success then has something to clear) */
     private bool $dirty = false;
 
@@ -57,7 +66,7 @@ final class CircuitBreaker
      */
     public function admit(float $probeFor): bool
     {
-        if ($this->threshold === 0) {
+        if ($this->threshold === 0 || ($this->trustedUntil > -INF && ($this->clock)() < $this->trustedUntil)) {
             return false;
         }
         $state = $this->store->load();
@@ -91,6 +100,7 @@ final class CircuitBreaker
             $this->store->clear();
             $this->dirty = false;
         }
+        $this->trustedUntil = ($this->clock)() + min(self::TRUST_AFTER_SUCCESS, $this->coolDown);
     }
 
     /**
@@ -101,6 +111,7 @@ final class CircuitBreaker
         if ($this->threshold === 0) {
             return;
         }
+        $this->trustedUntil = -INF;
         $state = $this->store->load() ?? ['failures' => 0, 'open_until' => null, 'reason' => ''];
         $failures = $state['failures'] + 1;
         $openUntil = $state['open_until'];

@@ -10,7 +10,8 @@ use TensorBridge\Exception\TensorBridgeException;
 use TensorBridge\Exception\TimeoutException;
 
 /**
- * The Unix-socket control channel (spec §1, §3): exact-length frame I/O with deadlines.
+ * The Unix-socket control channel (spec §1, §3): frame I/O with deadlines, exact-length reads
+ * while a descriptor may follow a frame, read-ahead otherwise (see readFrame()).
  *
  * All socket errors become exceptions here and nowhere else. A connection whose framing is
  * lost (EOF, reset, protocol error, a frame half-read or half-written at a timeout) is dropped.
@@ -19,6 +20,8 @@ use TensorBridge\Exception\TimeoutException;
  */
 final class Connection
 {
+    /** bytes a read-ahead received past the frame it read: the start of the next frame(s) */
+    private string $pending = '';
     /** true when the last send() found the peer gone before a byte went out */
     private bool $refusedUnsent = false;
     /** @var array<string, true> paths whose persistent stream a live Connection of this process holds */
@@ -45,6 +48,8 @@ final class Connection
     ];
     /** the longest pause between two connection attempts, in seconds */
     private const MAX_BACKOFF = 0.5;
+    /** bytes one read-ahead recv() may take: several reply frames (tensors travel in the region) */
+    private const READ_AHEAD = 8192;
 
     /**
      * Connects to the server's socket; persistent streams are shared across requests of a PHP worker.
@@ -212,20 +217,29 @@ final class Connection
     }
 
     /**
-     * Reads one frame with exact-length reads (never past the frame, spec §5.1).
+     * Reads one frame. By default with exact-length reads that never go past the frame (spec
+     * §5.1: an ATTACH_OK is followed by the fd carrier, which a longer read would swallow with
+     * its descriptor). With $readAhead, for when no ATTACH_OK can be on the way, it waits for
+     * the socket first (a reply is never there the moment its request went out) and one recv()
+     * then takes the whole frame and whatever follows it (kept for the next read): select +
+     * recv per reply instead of recv (EAGAIN) + select + recv (header) + recv (body).
+     *
+     * A blocking recv() would save the select() but the kernel wakes it each time the server
+     * reads from this socket too (write space), one spurious wake-up per call in two; select()
+     * sleeps until data comes.
      *
      * @return array{0: FrameHeader, 1: string}
      */
-    public function readFrame(int $deadline, int $spinMicros = 0): array
+    public function readFrame(int $deadline, int $spinMicros = 0, bool $readAhead = false): array
     {
-        $raw = $this->readExact(Spec::HEADER_SIZE, $deadline, $spinMicros, false);
+        $raw = $this->readExact(Spec::HEADER_SIZE, $deadline, $spinMicros, false, $readAhead);
         try {
             $header = Wire::decodeHeader($raw);
         } catch (ProtocolException $e) {
             $this->drop();
             throw $e;
         }
-        $body = $header->bodyLen === 0 ? '' : $this->readExact($header->bodyLen, $deadline, 0, true);
+        $body = $header->bodyLen === 0 ? '' : $this->readExact($header->bodyLen, $deadline, 0, true, $readAhead);
         return [$header, $body];
     }
 
@@ -278,6 +292,8 @@ final class Connection
         if ($this->socket === null) {
             return;
         }
+        $drop = $drop || $this->pending !== ''; // the next user of the stream would start mid-frame
+        $this->pending = '';
         if ($this->stream !== null) {
             unset(self::$persistentInUse[$this->path]);
             $this->socket = null;
@@ -304,14 +320,31 @@ final class Connection
         $this->close();
     }
 
-    private function readExact(int $len, int $deadline, int $spinMicros, bool $midFrame): string
+    /**
+     * $len bytes: from what a read-ahead left first, then from the socket ($readAhead: wait
+     * first unless spinning, then take up to READ_AHEAD bytes).
+     */
+    private function readExact(int $len, int $deadline, int $spinMicros, bool $midFrame, bool $readAhead = false): string
     {
+        $buf = $this->pending;
+        if (strlen($buf) >= $len) {
+            $this->pending = (string) substr($buf, $len);
+            return strlen($buf) === $len ? $buf : substr($buf, 0, $len);
+        }
+        $this->pending = '';
         $sock = $this->socket();
-        $buf = '';
         $spinUntil = $spinMicros > 0 ? hrtime(true) + $spinMicros * 1000 : 0;
+        $waitFirst = $readAhead && $spinUntil === 0 && $buf === '';
         while (true) {
+            if ($waitFirst && !$this->wait(true, $deadline)) {
+                throw new TimeoutException(
+                    sprintf('timed out after %.3f s waiting for the server at %s', $this->timeout, $this->path),
+                    $this->timeout,
+                );
+            }
+            $waitFirst = false;
             $chunk = '';
-            $n = @socket_recv($sock, $chunk, $len - strlen($buf), MSG_DONTWAIT);
+            $n = @socket_recv($sock, $chunk, $readAhead ? max(self::READ_AHEAD, $len - strlen($buf)) : $len - strlen($buf), MSG_DONTWAIT);
             if ($n === false) {
                 $err = socket_last_error($sock);
                 socket_clear_error($sock);
@@ -336,8 +369,12 @@ final class Connection
                 throw $this->ioError(0);
             }
             $buf .= $chunk;
-            if (strlen($buf) === $len) {
-                return $buf;
+            if (strlen($buf) >= $len) {
+                if (strlen($buf) === $len) {
+                    return $buf;
+                }
+                $this->pending = substr($buf, $len);
+                return substr($buf, 0, $len);
             }
         }
     }

@@ -29,6 +29,8 @@ final class Session
     private int $regionCap = 0;
     /** true once this session got a reply on the connection: stale frames of earlier users are behind us */
     private bool $synced = false;
+    /** true while an ATTACH awaits its ATTACH_OK (exact-length reads: the descriptor follows it) */
+    private bool $attaching = false;
     /** true until the first round trip on a (possibly reused) persistent connection succeeded */
     private bool $untested = false;
     private int $nextId;
@@ -150,6 +152,7 @@ final class Session
             $conn = $this->connection($deadline);
             $retryable = $this->untested && !$retried;
             $id = $this->nextId++;
+            $this->attaching = $type === FrameType::ATTACH;
             try {
                 $frame = Wire::encodeFrame($type, $id, Wire::encodeBody($type, $message), $this->checksums);
                 $conn->send($frame, $deadline->at);
@@ -171,6 +174,8 @@ final class Session
                     $this->abandoned[$id] = [0, 0];
                 }
                 throw $e;
+            } finally {
+                $this->attaching = false;
             }
         }
     }
@@ -261,7 +266,9 @@ final class Session
      */
     private function nextFrame(Deadline $deadline): ?array
     {
-        [$header, $body] = $this->connection($deadline)->readFrame($deadline->at, $this->spinMicros);
+        // read ahead only while no ATTACH_OK (and the descriptor after it) can be on the way
+        $readAhead = $this->synced && !$this->attaching;
+        [$header, $body] = $this->connection($deadline)->readFrame($deadline->at, $this->spinMicros, $readAhead);
         $rid = $header->requestId;
         if (isset($this->abandoned[$rid])) {
             unset($this->abandoned[$rid]);
