@@ -275,3 +275,31 @@ def php_popen(cmd: dict) -> subprocess.Popen:
     p.stdin.close()
     p.stdin = None  # so that communicate() does not touch it again
     return p
+
+
+@dataclass
+class OipServer:
+    """A server with both Open Inference Protocol listeners (the test_oip_* modules)."""
+
+    proc: ServerProcess
+    http: str  #: ``127.0.0.1:PORT`` of the REST listener
+    grpc: str  #: ``127.0.0.1:PORT`` of the gRPC listener
+    metrics_port: int
+
+
+@pytest.fixture(scope="session")
+def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OipServer]:
+    """One server per xdist worker: TEST_MODELS plus ``rows`` (batching on), REST and gRPC
+    listeners on loopback without a token, and /metrics."""
+    from repo_fixtures import free_port
+
+    path = tmp_path_factory.mktemp("oip")
+    (path / "tb.toml").write_text('[models.rows]\nsource = "tensorbridge.models.testing:rows"\n'
+                                  "max_batch_size = 8\nmax_queue_delay_us = 5000\n")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    srv = ServerProcess(str(path / "tb.sock"), [
+        "--config", str(path / "tb.toml"), *[a for m in TEST_MODELS for a in ("--model", m)],
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    ).start()
+    yield OipServer(srv, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", metrics)
+    srv.stop()

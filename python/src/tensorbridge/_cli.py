@@ -190,6 +190,9 @@ def _check_config(args: argparse.Namespace) -> int:
     args.config, args.model = args.file, []
     config = server_config(args)
     check_models(config)
+    from .listeners import check_config
+
+    check_config(config)
     repository = f", repository {config.repository}" if config.repository else ""
     print(f"ok: {args.file}: {len(config.models)} model(s) "
           f"({', '.join(m.name for m in config.models)}){repository}, socket {config.socket}")

@@ -136,7 +136,8 @@ class Gateway:
         except BaseException:
             served.release()
             raise
-        deadline = arrived + timeout_us / 1e6 if timeout_us else None
+        # Budgets past a day are no deadline (and would overflow a wait's timeout).
+        deadline = arrived + timeout_us / 1e6 if 0 < timeout_us < 86_400_000_000 else None
         rows, key = batch_key(values, loaded.pipeline.pad) if queue.batching else (None, None)
         waiter = _Waiter(self, front)
         frame = InferRequest(timeout_us, model, 0, 0, [], b"", version)

@@ -30,6 +30,8 @@ _CODES = {ErrorCode.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
           ErrorCode.PROTOCOL_ERROR: grpc.StatusCode.INVALID_ARGUMENT,
           ErrorCode.UNAUTHORIZED: grpc.StatusCode.PERMISSION_DENIED,
           ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL}
+#: Seconds of remaining time above which a call counts as having no deadline.
+_NO_DEADLINE = 86400.0 * 365
 #: Answered without a token: probes need no secret.
 _OPEN = ("ServerLive", "ServerReady")
 
@@ -129,7 +131,8 @@ class GrpcListener:
             inputs = _inputs(request)
             timeout_us = _param(request.parameters, "timeout")
             remaining = context.time_remaining()
-            if remaining is not None:
+            # No deadline reads as a huge remainder (grpcio): only a real one becomes a budget.
+            if remaining is not None and remaining < _NO_DEADLINE:
                 budget = max(1, int(remaining * 1e6))
                 timeout_us = min(timeout_us, budget) if timeout_us else budget
             wanted = [o.name for o in request.outputs]
