@@ -100,9 +100,10 @@ def tensorbridge(tmp: Path, name: str, toml: str, prefix: list[str] = (),
                 "ready on"), sock
 
 
-def local_server(tmp: Path, toml: str, prefix: list[str] = ()) -> tuple[Proc, str]:
+def local_server(tmp: Path, toml: str, prefix: list[str] = (), extra: list[str] = ()
+                 ) -> tuple[Proc, str]:
     """The local server, whose models are remote ones."""
-    return tensorbridge(tmp, "local", toml, prefix)
+    return tensorbridge(tmp, "local", toml, prefix, extra)
 
 
 #: The remote TensorBridge's model: ``double`` is y = 2x + 1 for x FP32 [-1, 4] (and ``rows``).
@@ -128,6 +129,7 @@ class Pair:
     peer: Proc
     local: Proc
     socket: str
+    metrics: str
 
 
 @pytest.fixture
@@ -135,11 +137,13 @@ def kserve_remote(tmp_path: Path) -> Iterator[Pair]:
     """A KServe peer on loopback and a local server forwarding to it."""
     port = free_port()
     peer = kserve_peer(port).start()
+    metrics = free_port()
     local, sock = local_server(tmp_path, remote_toml(f"grpc://127.0.0.1:{port}",
-                                                     remote_poll_interval=0.2))
+                                                     remote_poll_interval=0.2),
+                               extra=["--metrics-port", str(metrics)])
     try:
         local.start()
-        yield Pair(peer, local, sock)
+        yield Pair(peer, local, sock, f"http://127.0.0.1:{metrics}/metrics")
     finally:
         local.stop()
         peer.stop()
@@ -160,6 +164,7 @@ def test_remote_model_takes_the_signature_and_answers_of_kserve(kserve_remote) -
         assert torch.equal(out, image.reshape(1, -1)[:, :1000] + 1)
         status = client.ping()
         assert status["ready"] is True
+    assert 'tensorbridge_instances_alive{model="double"} 1.0' in _metrics(kserve_remote)
 
 
 def test_remote_deadline_is_the_requests_remaining_deadline(kserve_remote) -> None:
@@ -186,6 +191,14 @@ def test_remote_that_is_down_gives_a_typed_error_and_opens_the_breaker(kserve_re
     health = run_cli("health", "--socket", sock)
     assert health.returncode != 0
     assert "not ready" in health.stderr
+    assert 'tensorbridge_instances_alive{model="double"} 0.0' in _metrics(kserve_remote)
+
+
+def _metrics(pair: Pair) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(pair.metrics, timeout=5) as reply:
+        return str(reply.read().decode())
 
 
 @dataclass

@@ -81,7 +81,11 @@ def url_problem(url: str) -> str | None:
 def _api() -> Any:
     """The OIP gRPC module (``listeners.grpc_api``: messages ``pb``, ``GRPCInferenceStub``,
     and ``grpc`` itself), imported late: only servers with a remote model need grpcio."""
-    return importlib.import_module("tensorbridge.listeners.grpc_api")
+    try:
+        return importlib.import_module("tensorbridge.listeners.grpc_api")
+    except ImportError as exc:
+        raise ValueError(f"remote models need grpcio ({exc}); pip install "
+                         "'tensorbridge[oip]'") from None
 
 
 class _Breaker:
