@@ -6,6 +6,8 @@ both serving echo, fail, sleep and digits. Every call carries a bearer token the
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 
 from conftest import PHP_DIR, ROOT, TEST_MODELS, wait_until
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-php-tests"
 DTYPE_VALUES: dict[str, list[Any]] = {
     "BOOL": [True, False, True],
     "UINT8": [0, 200, 255],
@@ -62,10 +64,6 @@ def _flat(rows: list[list[float]]) -> list[float]:
     return [v for row in rows for v in row]
 
 
-def _tensorbridge_has_http() -> bool:
-    return "--http-port" in (ROOT / "python" / "src" / "tensorbridge" / "_cli.py").read_text()
-
-
 class Peer:
     """A running OIP server: its URL, its name in v2 metadata, and its process."""
 
@@ -88,8 +86,6 @@ def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     if request.param == "kserve":
         cmd = [sys.executable, str(PHP_DIR / "kserve_peer.py"), str(port), TOKEN]
     else:
-        if not _tensorbridge_has_http():
-            pytest.skip("this checkout's `tensorbridge serve` has no --http-port yet")
         tmp = tmp_path_factory.mktemp("http")
         token_file = tmp / "token"
         token_file.write_text(TOKEN + "\n")
@@ -236,3 +232,18 @@ def test_a_server_that_is_down_fails_fast_then_the_breaker_opens(tmp_path: Path)
         assert "3 attempts" in failed["message"]
     assert third["error"] == "CircuitOpenException"
     assert breaker["state"] == "open"
+
+
+@pytest.mark.parametrize("peer", ["tensorbridge"], indirect=True)
+def test_the_client_contract_holds_over_http(peer: Peer) -> None:
+    """The PHPUnit contract cases that LocalTransport and FakeTransport pass (versions, routing
+    keys, timings, batches included), over HTTP against TensorBridge's own REST listener."""
+    proc = subprocess.run(
+        ["phpunit", "--group", "server", "--filter", "HttpTransportContractTest"],
+        cwd=ROOT / "php",
+        env={**os.environ, "TENSORBRIDGE_CONTRACT_URL": peer.url, "TENSORBRIDGE_CONTRACT_TOKEN": TOKEN},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ran = re.search(r"OK \((\d+) tests?", proc.stdout)
+    cases = (ROOT / "php" / "tests" / "ClientContractTestCase.php").read_text()
+    assert ran is not None and int(ran.group(1)) == len(re.findall(r"public function test\w+\(", cases))
