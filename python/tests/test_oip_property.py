@@ -16,11 +16,19 @@ import math
 from typing import Any
 
 import numpy as np
+import pytest
+import schemathesis
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-from conftest import OipServer
+from conftest import ROOT, OipServer
 
 INTS = {"UINT8": np.uint8, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
         "INT64": np.int64}
@@ -219,3 +227,27 @@ def test_invalid_requests_get_4xx_with_a_message(oip_server: OipServer, case: An
     assert isinstance(error, str) and error
     assert rh["content-type"] == "application/json"
     conn.close()
+
+
+# -- schemathesis: the same listener against docs/oip-rest.openapi.yaml ------------------
+
+@pytest.fixture
+def oip_schema(oip_server: OipServer) -> Any:
+    schema = schemathesis.openapi.from_path(ROOT / "docs" / "oip-rest.openapi.yaml")
+    schema.config.update(base_url=f"http://{oip_server.http}")
+    return schema
+
+
+openapi = schemathesis.pytest.from_fixture("oip_schema")
+
+
+@openapi.parametrize()
+@settings(max_examples=5, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+def test_openapi_document(case: Any) -> None:
+    """Every operation of the document, schemathesis' own cases (5 each): never a 5xx, only
+    documented statuses and content types, bodies that match the document's schemas. (Its
+    "schema-valid data is accepted" check does not apply: no schema can say that ``data``
+    must hold prod(shape) items, so such requests are rightly 400.)"""
+    case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
+                                   content_type_conformance, response_schema_conformance])

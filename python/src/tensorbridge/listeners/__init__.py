@@ -98,7 +98,7 @@ class Listeners:
                 tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 tls.load_cert_chain(config.tls_cert_file, config.tls_key_file)
             self.http = HttpListener(self.service, config.http_host, config.http_port, token,
-                                     tls, max_body)
+                                     tls, max_body, config.max_connections)
             self.http.start()
             log.info("OIP REST listener on %s://%s:%d/v2", "https" if tls else "http",
                      config.http_host, self.http.port)

@@ -189,6 +189,14 @@ class Gateway:
         compute_s = max(0.0, t0 - request.started)
         self._count(front, model.name, model.version, "ok", queue_s, pre_s, compute_s,
                     done - request.arrived)
+        total_ms = (done - request.arrived) * 1000
+        slow = self.server.config.slow_ms
+        if slow and total_ms > slow:
+            log.warning("slow %s request: model %r took %.1f ms (queued %.1f ms)", front,
+                        model.name, total_ms, queue_s * 1000,
+                        extra={"model": model.name, "listener": front,
+                               "total_ms": round(total_ms, 3),
+                               "queue_ms": round(queue_s * 1000, 3)})
         return Answer(model.name, model.version, outputs)
 
     def count_error(self, front: str, exc: TensorBridgeError, model: str | None) -> None:

@@ -64,6 +64,11 @@ class Service:
         queue = served.queue
         return queue is not None and queue.healthy_instances() > 0
 
+    def check_model(self, name: str, version: int | None) -> None:
+        """``ModelNotFoundError`` unless the model (version) is served: a request for an unknown
+        model is answered 404 even when its body is wrong too."""
+        self.server.registry.resolve(name, version).release()
+
     def model_metadata(self, name: str, version: int | None) -> dict[str, Any]:
         """``GET /v2/models/{name}[/versions/{version}]``."""
         registry = self.server.registry

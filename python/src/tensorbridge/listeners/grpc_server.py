@@ -138,6 +138,7 @@ class GrpcListener:
             wanted = [o.name for o in request.outputs]
         except TensorBridgeError as exc:
             gateway.count_error("grpc", exc, name)
+            self.service.check_model(name, _version(request.model_version))
             raise
         answer = gateway.infer("grpc", name, _version(request.model_version), inputs,
                                timeout_us)

@@ -57,8 +57,9 @@ class HttpListener:
     """Serves the REST API on ``host:port`` until ``stop()``."""
 
     def __init__(self, service: Service, host: str, port: int, token: str | None,
-                 tls: ssl.SSLContext | None, max_body: int) -> None:
+                 tls: ssl.SSLContext | None, max_body: int, max_connections: int) -> None:
         self.service = service
+        self.max_connections = max_connections
         self.token = token
         self.tls = tls
         self.max_body = max_body
@@ -102,9 +103,24 @@ class HttpListener:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                self._conns.add(conn)
+                full = len(self._conns) >= self.max_connections
+                if not full:
+                    self._conns.add(conn)
+            if full:  # a thread each: past max_connections a client is told, not served
+                self._refuse(conn)
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="tb-http",
                              daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(1.0)
+            self._send(conn, _json(503, {"error": f"the REST listener has {self.max_connections} "
+                                              "connections open (max_connections); retry later"},
+                                   {"Retry-After": "1"}), False)
+        except OSError:
+            pass
+        conn.close()
 
     # -- one connection ------------------------------------------------------------------
 
@@ -317,6 +333,7 @@ class HttpListener:
             request = decode_infer(body, headers.get("inference-header-content-length"))
         except TensorBridgeError as exc:
             gateway.count_error("http", exc, name)
+            self.service.check_model(name, version)
             raise
         answer: Answer = gateway.infer("http", name, version, request.inputs,
                                        request.timeout_us)
