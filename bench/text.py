@@ -40,8 +40,20 @@ source = "tensorbridge.models.minilm:create"
 max_batch_size = 64
 max_queue_delay_us = 2000
 max_queue = 1024
-instances = {int(os.environ.get("TB_S8_INSTANCES", "1"))}
+instances = {int(os.environ.get("TB_S8_INSTANCES", "2"))}
 """
+
+
+#: What the S8 table says about the run (docs/benchmarks.md).
+SETUP = """Same machine, same sentences (CPython's `pydoc_data` topics cut at full stops, 5-40
+words, ~33 tokens on average), same PHP processes, one sentence per request, the three variants
+interleaved in one run. **TensorBridge**: `minilm` as in `examples/minilm.toml` (dynamic
+batching, 2 instances sharing the cores; ONNX Runtime's fused fp32 kernels, merged texts cut
+into calls of similar lengths). **FastAPI**: what a team would run: sentence-transformers with
+its default settings behind a sync FastAPI endpoint under uvicorn, one `encode()` per request.
+**In-process**: sentence-transformers called from Python in batches of as many sentences as
+there are processes (no IPC, no HTTP). *server CPU ms/sentence* is the server process's CPU
+time per answered sentence (compute per sentence: what a 2-core machine divides by)."""
 
 
 def sentences(limit: int = 2000) -> list[str]:
@@ -100,18 +112,41 @@ def _start(svc: Any) -> dict[str, Any]:
     config = svc.tmp / "s8.toml"
     config.write_text(TOML)
     socket_path = str(svc.tmp / "s8.sock")
+    metrics, port = _free_port(), _free_port()
     tb = svc._spawn("s8-tensorbridge", [
         sys.executable, "-m", "tensorbridge", "serve", "--socket", socket_path,
-        "--threads", str(THREADS), "--log-level", "info", "--config", str(config)],
-        "ready on")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        "--threads", str(THREADS), "--log-level", "info", "--config", str(config),
+        "--metrics-port", str(metrics)], "ready on")
     http = svc._spawn("s8-fastapi", [sys.executable, str(Path(__file__)), "--serve-http",
                                      str(port), "--threads", str(THREADS)],
                       "Application startup complete")
     return {"socket": socket_path, "url": f"http://127.0.0.1:{port}/embed",
-            "procs": [tb, http], "tmp": svc.tmp}
+            "procs": [tb, http], "tmp": svc.tmp, "tb": tb, "http": http,
+            "metrics": f"http://127.0.0.1:{metrics}/metrics"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _batches(url: str) -> tuple[float, float]:
+    """(model calls, rows) of minilm so far, from the server's Prometheus histogram."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("tensorbridge_batch_size_") and 'model="minilm"' in line:
+            values[line.split("{")[0].rsplit("_", 1)[1]] = float(line.rsplit(" ", 1)[1])
+    return values.get("count", 0.0), values.get("sum", 0.0)
 
 
 def _php_loop(stack: dict[str, Any], mode: str, level: int, duration: float, corpus: Path,
@@ -135,6 +170,9 @@ def _php_loop(stack: dict[str, Any], mode: str, level: int, duration: float, cor
             raise RuntimeError(f"S8 {label}: clients did not get ready: " + "".join(
                 p.communicate()[1] for p in procs if p.poll()))
         time.sleep(0.01)
+    server = stack["tb" if mode == "tb" else "http"].pid
+    cpu0 = _cpu_seconds(server)
+    calls0 = _batches(stack["metrics"]) if mode == "tb" else (0.0, 0.0)
     start.touch()
     results = []
     for p in procs:
@@ -142,9 +180,17 @@ def _php_loop(stack: dict[str, Any], mode: str, level: int, duration: float, cor
         if p.returncode != 0:
             raise RuntimeError(f"S8 {label}: PHP client failed: {err or out}")
         results.append(json.loads(out))
+    # The server's CPU per sentence, warm-ups of the clients excluded: the cost a CPU-bound
+    # machine divides by, and a figure that noise from other processes does not inflate.
+    cpu = _cpu_seconds(server) - cpu0
     samples = [s for r in results for s in r["samples_us"]]
     wall = max(r["wall_us"] for r in results) / 1e6
-    return {"sentences_s": len(samples) / wall, **summarize(samples), "n": len(samples)}
+    row = {"sentences_s": len(samples) / wall, **summarize(samples), "n": len(samples),
+           "server_cpu_ms": 1000 * cpu / max(1, len(samples))}
+    if mode == "tb":
+        calls, rows = (b - a for a, b in zip(calls0, _batches(stack["metrics"]), strict=True))
+        row["mean_batch"] = rows / calls if calls else float("nan")
+    return row
 
 
 def _in_process(model: Any, texts: list[str], level: int, duration: float) -> dict[str, Any]:
@@ -187,9 +233,11 @@ def scenario(svc: Any, repeats: int, duration: float, quick: bool) -> list[dict[
                                         level, duration, corpus, label)
                     rows.append({"repeat": rep, "variant": variant, "processes": level,
                                  "torch_threads": THREADS, **row})
+                    extra = "".join(f", {k} {row[k]:.1f}" for k in ("server_cpu_ms", "mean_batch")
+                                    if k in row)
                     print(f"[S8 repeat {rep + 1}/{repeats}] {variant:>12} x{level:<2}: "
                           f"{row['sentences_s']:.1f} sentences/s, p50 {row['p50'] / 1000:.1f} ms,"
-                          f" p99 {row['p99'] / 1000:.1f} ms", file=sys.stderr, flush=True)
+                          f" p99 {row['p99'] / 1000:.1f} ms{extra}", file=sys.stderr, flush=True)
     finally:
         for proc in stack["procs"]:  # the harness waits for them at its end
             proc.send_signal(signal.SIGTERM)
@@ -197,13 +245,20 @@ def scenario(svc: Any, repeats: int, duration: float, quick: bool) -> list[dict[
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: median over repeats per (processes, variant), with the goal ratios."""
+    """Markdown: how the run was set up, then medians over repeats per (processes, variant),
+    with the server's CPU per sentence, TensorBridge's mean batch and the goal ratios."""
     import statistics
 
-    out = ["| PHP processes | variant | sentences/s | p50 ms | p99 ms |",
-           "|---:|---|---:|---:|---:|"]
+    out = [SETUP, "",
+           "| PHP processes | variant | sentences/s | p50 ms | p99 ms | server CPU ms/sentence "
+           "| mean batch |", "|---:|---|---:|---:|---:|---:|---:|"]
     levels = sorted({r["processes"] for r in rows})
     medians: dict[tuple[int, str], float] = {}
+
+    def median(mine: list[dict[str, Any]], key: str, scale: float = 1.0) -> str:
+        values = [r[key] for r in mine if key in r]
+        return f"{statistics.median(values) / scale:.1f}" if values else ""
+
     for level in levels:
         for variant in ("tensorbridge", "fastapi", "in-process"):
             mine = [r for r in rows if r["processes"] == level and r["variant"] == variant]
@@ -211,9 +266,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                 continue
             rate = statistics.median(r["sentences_s"] for r in mine)
             medians[level, variant] = rate
-            out.append(f"| {level} | {variant} | {rate:.1f} | "
-                       f"{statistics.median(r['p50'] for r in mine) / 1000:.1f} | "
-                       f"{statistics.median(r['p99'] for r in mine) / 1000:.1f} |")
+            out.append(f"| {level} | {variant} | {rate:.1f} | {median(mine, 'p50', 1000)} | "
+                       f"{median(mine, 'p99', 1000)} | {median(mine, 'server_cpu_ms')} | "
+                       f"{median(mine, 'mean_batch')} |")
     top = levels[-1]
     if (top, "tensorbridge") in medians:
         tb = medians[top, "tensorbridge"]

