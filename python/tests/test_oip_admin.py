@@ -5,8 +5,10 @@ tritonclient's REST and gRPC clients."""
 from __future__ import annotations
 
 import json
+import signal
 import ssl
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
-from repo_fixtures import LINEAR_CONFIG, free_port, write_config, write_version
+from repo_fixtures import LINEAR_CONFIG, free_port, metrics_text, write_config, write_version
 from tritonclient.utils import InferenceServerException
 
 from tensorbridge.listeners.grpc_api import GRPCInferenceStub, pb
@@ -178,3 +180,37 @@ def test_tls(tmp_path: Path, make_server: Any) -> None:
     x = tgrpc.InferInput("x", [3], "FP64")
     x.set_data_from_numpy(np.array([1.5, 2.5, -1.0]))
     np.testing.assert_array_equal(client.infer("echo", [x]).as_numpy("x"), [1.5, 2.5, -1.0])
+
+
+def test_drain_answers_listener_requests_in_flight(make_server: Any) -> None:
+    """SIGTERM while a REST request computes: it is answered, new ones are refused (503),
+    then the server exits."""
+    http, metrics = free_port(), free_port()
+    srv = make_server(["sleep=tensorbridge.models.testing:sleep"],
+                      ["--http-port", str(http), "--metrics-port", str(metrics),
+                       "--drain-timeout", "30"])
+    url = f"http://127.0.0.1:{http}/v2/models/sleep/infer"
+    body = json.dumps({"inputs": [{"name": "ms", "shape": [1], "datatype": "FP32",
+                                   "data": [1500]}]}).encode()
+    answers: list[Any] = []
+
+    def call() -> None:
+        with urllib.request.urlopen(urllib.request.Request(url, body), timeout=30) as response:
+            answers.append((response.status, json.loads(response.read())))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: "tensorbridge_in_flight_requests 1.0" in metrics_text(metrics),
+               "the long request is in flight")
+    srv.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: _get(f"http://127.0.0.1:{http}/v2/health/ready")[0] == 503,
+               "draining shows on /v2/health/ready")
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, body), timeout=30)
+        raise AssertionError("a request during the drain was served")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and "shutting down" in json.loads(exc.read())["error"]
+    caller.join(30)
+    assert answers == [(200, {"model_name": "sleep", "model_version": "1", "outputs": [
+        {"name": "ms", "datatype": "FP32", "shape": [1], "data": [1500.0]}]})]
+    assert srv.proc.wait(30) == 0

@@ -11,6 +11,7 @@ deadlines and metrics. A listener bound beyond loopback needs a bearer token fil
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import logging
 import ssl
@@ -64,6 +65,9 @@ def check_config(config: ServerConfig) -> None:
                 f"{kind}_host = {host!r} is not a loopback address: a {kind} listener "
                 "reachable from other hosts needs a bearer token (http_token_file) or TLS "
                 f"(tls_cert_file and tls_key_file); or bind {kind}_host = \"127.0.0.1\"")
+    if config.grpc_port and importlib.util.find_spec("grpc") is None:
+        raise ConfigError("grpc_port needs grpcio, which is not installed: pip install "
+                          "'tensorbridge[oip]' (grpcio and protobuf)")
     if config.http_port and config.http_port == config.grpc_port:
         raise ConfigError(f"http_port and grpc_port are both {config.http_port}; give each "
                           "listener a port of its own")
