@@ -13,7 +13,7 @@ require_once __DIR__ . '/TempDir.php';
 /**
  * The Client contract over HTTP (HttpTransport) against TensorBridge's own REST listener
  * (`tensorbridge serve --http-port`): python/tests/test_php_http.py starts one and runs this
- * group with TENSORBRIDGE_CONTRACT_URL (and TENSORBRIDGE_CONTRACT_TOKEN) set; plain `phpunit`
+ * group with TENSORBRIDGE_CONTRACT_URL (and _TOKEN, _CA for its bearer token and certificate) set; plain `phpunit`
  * leaves the group out (phpunit.xml).
  *
  * @group server
@@ -38,11 +38,12 @@ final class HttpTransportContractTest extends ClientContractTestCase
     protected function client(): Client
     {
         $token = getenv('TENSORBRIDGE_CONTRACT_TOKEN');
+        $ca = getenv('TENSORBRIDGE_CONTRACT_CA');
         return new Client(
             (string) getenv('TENSORBRIDGE_CONTRACT_URL'),
             timeout: 5.0,
             breakerStateDir: $this->stateDir,
-            http: new HttpOptions(token: is_string($token) ? $token : null),
+            http: new HttpOptions(token: is_string($token) ? $token : null, caFile: is_string($ca) ? $ca : null),
         );
     }
 

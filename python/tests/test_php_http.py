@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -46,15 +47,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _get(url: str) -> dict[str, Any]:
+def _get(url: str, ca_file: str | None = None) -> dict[str, Any]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - a local test server
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    with urllib.request.urlopen(req, timeout=5, context=context) as resp:  # noqa: S310 - a local test server
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, ca_file: str | None) -> bool:
     try:
-        _get(url + "/v2/health/ready")
+        _get(url + "/v2/health/ready", ca_file)
         return True
     except (OSError, urllib.error.URLError):
         return False
@@ -65,10 +67,11 @@ def _flat(rows: list[list[float]]) -> list[float]:
 
 
 class Peer:
-    """A running OIP server: its URL, its name in v2 metadata, and its process."""
+    """A running OIP server: its name in v2 metadata, its URL, its process and the CA file that
+    signed its TLS certificate (None for plain HTTP)."""
 
-    def __init__(self, kind: str, url: str, proc: subprocess.Popen) -> None:
-        self.kind, self.url, self.proc = kind, url, proc
+    def __init__(self, kind: str, url: str, proc: subprocess.Popen, ca_file: str | None) -> None:
+        self.kind, self.url, self.proc, self.ca_file = kind, url, proc, ca_file
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -81,35 +84,45 @@ class Peer:
 
 @pytest.fixture(scope="module", params=["kserve", "tensorbridge"])
 def peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    """KServe over plain HTTP, TensorBridge over HTTPS (a self-signed certificate): both with a token."""
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    ca_file = None
     if request.param == "kserve":
+        url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, str(PHP_DIR / "kserve_peer.py"), str(port), TOKEN]
     else:
+        url = f"https://127.0.0.1:{port}"
         tmp = tmp_path_factory.mktemp("http")
-        token_file = tmp / "token"
+        token_file, cert, key = tmp / "token", tmp / "cert.pem", tmp / "key.pem"
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        ca_file = str(cert)
         cmd = [sys.executable, "-m", "tensorbridge", "serve", "--socket", str(tmp / "tb.sock"),
                "--threads", "2", "--http-port", str(port), "--http-token-file", str(token_file),
+               "--tls-cert-file", str(cert), "--tls-key-file", str(key),
                *[a for m in TEST_MODELS for a in ("--model", m)]]
     log = tmp_path_factory.mktemp("log") / "peer.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    srv = Peer(request.param, url, proc)
+    srv = Peer(request.param, url, proc, ca_file)
     try:
-        wait_until(lambda: _answers(url) or proc.poll() is not None, "the peer answers", timeout=90,
-                   every=0.2)
+        wait_until(lambda: _answers(url, ca_file) or proc.poll() is not None, "the peer answers",
+                   timeout=90, every=0.2)
         assert proc.poll() is None, log.read_text()
         yield srv
     finally:
         srv.stop()
 
 
-def run(url: str, ops: list[dict[str, Any]], token: str | None = TOKEN, timeout: float = 5.0,
-        **extra: Any) -> list[dict[str, Any]]:
-    """Run the PHP HTTP driver with these operations on one Client; its results."""
-    cmd = {"url": url, "token": token, "timeout": timeout, "ops": ops, **extra}
+def run(target: Peer | str, ops: list[dict[str, Any]], token: str | None = TOKEN,
+        timeout: float = 5.0, **extra: Any) -> list[dict[str, Any]]:
+    """Run the PHP HTTP driver with these operations on one Client (to a peer, trusting its CA,
+    or to a URL); its results."""
+    url, ca_file = (target.url, target.ca_file) if isinstance(target, Peer) else (target, None)
+    cmd = {"url": url, "token": token, "timeout": timeout, "ops": ops, "ca_file": ca_file, **extra}
     proc = subprocess.run(["php", str(PHP_DIR / "http_calls.php")], input=json.dumps(cmd),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stdout + proc.stderr
@@ -123,7 +136,7 @@ def infer(model: str, **inputs: tuple[str, list[Any]]) -> dict[str, Any]:
 
 
 def test_metadata_names_the_server_and_the_model_signatures(peer: Peer) -> None:
-    pong, models = run(peer.url, [{"op": "ping"}, {"op": "models"}])
+    pong, models = run(peer, [{"op": "ping"}, {"op": "models"}])
     assert pong["server"] == peer.kind and pong["protocol"] == "oip-v2"
     by_name = {m["name"]: m for m in models}
     assert {"echo", "fail", "sleep", "digits"} <= set(by_name)
@@ -137,7 +150,7 @@ def test_every_datatype_round_trips_through_echo(peer: Peer) -> None:
     ops.append({"op": "infer", "model": "echo",
                 "inputs": {"m": {"dtype": "INT32", "data": list(range(6)), "shape": [2, 3]}}})
     ops.append(infer("echo", raw=("BYTES", RAW_BYTES)))
-    results = run(peer.url, ops)
+    results = run(peer, ops)
     for dt, result in zip(names, results[:len(names)], strict=True):
         if peer.kind == "kserve" and dt == "BF16":
             # KServe's Python server decodes tensors with numpy, which has no bfloat16: a typed
@@ -162,7 +175,7 @@ def test_a_digits_batch_gives_the_models_logits(peer: Peer) -> None:
     rows = (torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64) * 7 % 17).tolist()
     with torch.no_grad():
         expected = create().eval()(torch.tensor(rows)).tolist()
-    (one, many, batch) = run(peer.url, [
+    (one, many, batch) = run(peer, [
         infer("digits", input=("FP32", rows)),
         {"op": "infer_many", "model": "echo",
          "inputs": [{"v": {"dtype": "INT64", "data": [i] * (i + 1)}} for i in range(3)]},
@@ -181,7 +194,7 @@ def test_a_digits_batch_gives_the_models_logits(peer: Peer) -> None:
 
 
 def test_server_errors_become_the_typed_exceptions(peer: Peer) -> None:
-    unknown, shape, failing, after, breaker = run(peer.url, [
+    unknown, shape, failing, after, breaker = run(peer, [
         infer("no-such-model", x=("FP32", [1.0])),
         infer("digits", input=("FP32", [[1.0, 2.0]])),
         infer("fail", x=("FP32", [1.0])),
@@ -197,7 +210,7 @@ def test_server_errors_become_the_typed_exceptions(peer: Peer) -> None:
 
 
 def test_a_timeout_is_a_timeout_and_the_next_call_works(peer: Peer) -> None:
-    slow, fine = run(peer.url, [infer("sleep", ms=("FP32", [1500.0])), infer("echo", x=("INT32", [3]))],
+    slow, fine = run(peer, [infer("sleep", ms=("FP32", [1500.0])), infer("echo", x=("INT32", [3]))],
                      timeout=0.3)
     assert slow["error"] in ("TimeoutException", "DeadlineExceededException"), slow
     assert "0.300 s" in slow["message"] or slow["code"] == "DEADLINE_EXCEEDED", slow
@@ -206,7 +219,7 @@ def test_a_timeout_is_a_timeout_and_the_next_call_works(peer: Peer) -> None:
 
 def test_keep_alive_serves_every_call_on_one_connection(peer: Peer) -> None:
     before = _get(peer.url + "/test/connections")["connections"] if peer.kind == "kserve" else None
-    results = run(peer.url, [{"op": "models"}] + [infer("echo", x=("FP32", [float(i)])) for i in range(20)]
+    results = run(peer, [{"op": "models"}] + [infer("echo", x=("FP32", [float(i)])) for i in range(20)]
                   + [{"op": "connects"}])
     assert all("error" not in r for r in results[:-1])
     assert results[-1]["connects"] == 1
@@ -216,7 +229,7 @@ def test_keep_alive_serves_every_call_on_one_connection(peer: Peer) -> None:
 
 def test_a_missing_or_wrong_token_is_unauthorized(peer: Peer) -> None:
     for token in (None, "wrong-token"):
-        denied, breaker = run(peer.url, [infer("echo", x=("FP32", [1.0])), {"op": "breaker"}], token=token)
+        denied, breaker = run(peer, [infer("echo", x=("FP32", [1.0])), {"op": "breaker"}], token=token)
         assert denied["error"] == "UnauthorizedException" and denied["code"] == "UNAUTHORIZED", denied
         assert "check the bearer token" in denied["message"]
         assert breaker["state"] == "closed"  # a refusal is not an outage
@@ -241,9 +254,20 @@ def test_the_client_contract_holds_over_http(peer: Peer) -> None:
     proc = subprocess.run(
         ["phpunit", "--group", "server", "--filter", "HttpTransportContractTest"],
         cwd=ROOT / "php",
-        env={**os.environ, "TENSORBRIDGE_CONTRACT_URL": peer.url, "TENSORBRIDGE_CONTRACT_TOKEN": TOKEN},
+        env={**os.environ, "TENSORBRIDGE_CONTRACT_URL": peer.url, "TENSORBRIDGE_CONTRACT_TOKEN": TOKEN,
+             "TENSORBRIDGE_CONTRACT_CA": str(peer.ca_file)},
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ran = re.search(r"OK \((\d+) tests?", proc.stdout)
     cases = (ROOT / "php" / "tests" / "ClientContractTestCase.php").read_text()
     assert ran is not None and int(ran.group(1)) == len(re.findall(r"public function test\w+\(", cases))
+
+
+@pytest.mark.parametrize("peer", ["tensorbridge"], indirect=True)
+def test_https_checks_the_servers_certificate(peer: Peer) -> None:
+    assert peer.url.startswith("https://")
+    (untrusted,) = run(peer.url, [infer("echo", x=("FP32", [1.0]))])  # the system CAs only
+    assert untrusted["error"] == "ConnectionException", untrusted
+    assert "TLS with " + peer.url in untrusted["message"] and "caFile" in untrusted["message"]
+    (trusted,) = run(peer, [infer("echo", x=("FP32", [1.0]))])
+    assert trusted["outputs"]["x"]["data"] == [1.0]
