@@ -249,7 +249,9 @@ def plot(record: dict[str, Any], img: Path, plt: Any) -> None:
         ax.barh(y, p50, color=["#d9480f" if p in ("socket", "remote") else "#4c6ef5"
                                for p in paths], label="p50")
         ax.set_yticks(list(y), [LABELS[p] for p in paths], fontsize=8)
-        ax.set_xlabel("µs per call")
+        if max(p99) / min(p50) > 20:  # p99 and p50 decades apart: log scale
+            ax.set_xscale("log")
+        ax.set_xlabel("µs per call" + (" (log scale)" if max(p99) / min(p50) > 20 else ""))
         ax.set_title(f"S9 {title}", fontsize=9)
         ax.invert_yaxis()
     axes[0].legend(fontsize=8)

@@ -360,3 +360,22 @@ def test_remote_key_is_the_models_source_and_is_checked(tmp_path: Path) -> None:
     config.write_text('[models.m]\nremote = "grpc://h:1"\nsource = "m.pt"\n')
     with pytest.raises(ConfigError, match="both source and remote"):
         ServerConfig.from_toml(str(config))
+
+
+def test_unloading_a_remote_model_closes_its_channels_and_poller(kserve_remote) -> None:
+    """After ``models unload`` the local server holds no connection to the remote any more
+    (its channels closed, its ModelReady poller stopped)."""
+    pid = kserve_remote.local.proc.pid
+    port = kserve_remote.peer.args[-2]
+
+    def connections() -> int:
+        out = subprocess.run(["ss", "-Htnp", "state", "established", f"dport = :{port}"],
+                             capture_output=True, text=True).stdout
+        return out.count(f"pid={pid},")
+
+    assert connections() >= 1
+    for model in ("double", "head", "slow"):
+        assert run_cli("models", "unload", model, "--socket", kserve_remote.socket
+                       ).returncode == 0
+    wait_until(lambda: connections() == 0, "the local server's connections to the remote close",
+               timeout=15)

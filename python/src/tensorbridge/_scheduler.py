@@ -218,6 +218,10 @@ class ModelQueue:
         for inst in list(self._instances):
             if inst.thread is not None and inst.healthy:
                 inst.thread.join(timeout=5)
+        # A backend with connections and a poller of its own (the remote one) closes them:
+        # a version loaded at start is never garbage-collected (gc.freeze).
+        if callable(getattr(self.model.module, "watch_availability", None)):
+            self.model.module.close()
 
     # -- instances -------------------------------------------------------------------------
 
