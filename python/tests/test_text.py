@@ -393,3 +393,10 @@ def test_merged_texts_are_cut_into_calls_of_similar_lengths() -> None:
     assert minilm.buckets([3, 250], call_cost=10_000) == [[0, 1]]  # calls dearer than padding
     with pytest.raises(ValueError, match="backend must be one of"):
         minilm.create(backend="tensorrt")
+
+
+def test_on_another_device_the_torch_encoder_serves() -> None:
+    model = minilm.create()
+    assert model.backend == "onnx"
+    assert model.to("meta").backend == "torch"  # ONNX Runtime runs on the CPU only here
+    assert next(model.parameters()).device.type == "meta"
