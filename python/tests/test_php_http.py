@@ -22,6 +22,9 @@ import pytest
 
 from conftest import PHP_DIR, ROOT, TEST_MODELS, wait_until
 
+# one worker starts each peer once (module-scoped) instead of every worker its own
+pytestmark = pytest.mark.xdist_group("php_http")
+
 TOKEN = "s3cret-token-for-php-tests"
 DTYPE_VALUES: dict[str, list[Any]] = {
     "BOOL": [True, False, True],
