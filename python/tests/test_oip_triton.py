@@ -222,3 +222,45 @@ def test_metrics_say_which_front_door(oip_server: OipServer) -> None:
            'status="invalid_input"}' in text
     # ... and in the server's own request metrics, like socket requests.
     assert 'tensorbridge_requests_total{model="echo",status="ok"}' in text
+
+
+def test_grpc_typed_contents_with_our_stub(oip_server: OipServer) -> None:
+    """ModelInfer with typed ``contents`` instead of raw bytes (tritonclient always sends raw),
+    through TensorBridge's own stub, imported beside tritonclient.grpc."""
+    import grpc
+
+    from tensorbridge.listeners.grpc_api import GRPCInferenceStub, pb
+
+    stub = GRPCInferenceStub(grpc.insecure_channel(oip_server.grpc))
+    tensor = pb.ModelInferRequest.InferInputTensor
+    cases = {"BOOL": ("bool_contents", [True, False], np.bool_),
+             "UINT8": ("uint_contents", [0, 255], np.uint8),
+             "INT8": ("int_contents", [-128, 127], np.int8),
+             "INT16": ("int_contents", [-300, 300], np.int16),
+             "INT32": ("int_contents", [-(2**31), 2**31 - 1], np.int32),
+             "INT64": ("int64_contents", [-(2**63), 2**63 - 1], np.int64),
+             "FP32": ("fp32_contents", [0.5, -1.25], np.float32),
+             "FP64": ("fp64_contents", [1e-300, -2.5], np.float64),
+             "BYTES": ("bytes_contents", [b"", b"\xff\x00"], None)}
+    for datatype, (field, values, dtype) in cases.items():
+        contents = pb.InferTensorContents(**{field: values})
+        reply = stub.ModelInfer(pb.ModelInferRequest(
+            model_name="echo", id="typed", inputs=[tensor(name="t", datatype=datatype, shape=[2],
+                                                         contents=contents)]), timeout=30)
+        assert reply.id == "typed" and reply.outputs[0].datatype == datatype
+        raw = reply.raw_output_contents[0]
+        if dtype is None:
+            assert raw == b"".join(len(v).to_bytes(4, "little") + v for v in values)
+        else:
+            assert np.frombuffer(raw, dtype=dtype).tolist() == values
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(pb.ModelInferRequest(model_name="echo", inputs=[tensor(
+            name="t", datatype="FP16", shape=[1], contents=pb.InferTensorContents(
+                fp32_contents=[1.0]))]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw_input_contents" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # 300 does not fit INT8
+        stub.ModelInfer(pb.ModelInferRequest(model_name="echo", inputs=[tensor(
+            name="t", datatype="INT8", shape=[1], contents=pb.InferTensorContents(
+                int_contents=[300]))]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -129,6 +129,7 @@ class Metrics:
             "Inference Protocol listener (also counted in tensorbridge_requests_total), by "
             "listener (http or grpc), model and status", ["listener", "model", "status"],
             registry=r)
+        self._listener_children: dict[tuple[str, str, str], Any] = {}
         self._load_failures = Counter("tensorbridge_model_load_failures",
                                       "Model versions that failed to load or warm up",
                                       ["model"], registry=r)
@@ -200,7 +201,14 @@ class Metrics:
 
     def listener_request(self, listener: str, model: str, status: str) -> None:
         """One inference answered through the ``http`` or ``grpc`` listener."""
-        self._listener.labels(listener, self._model(model) if model else "", status).inc()
+        key = (listener, model, status)
+        child = self._listener_children.get(key)
+        if child is None:
+            label = self._model(model) if model else ""
+            child = self._listener.labels(listener, label, status)
+            if label == model:  # as request_done: "_other" names are not cached one by one
+                self._listener_children[key] = child
+        child.inc()
 
     def error(self, code: str, model: str | None = None) -> None:
         """One ERROR frame sent, e.g. ``error("invalid_input", "digits")``."""
