@@ -13,14 +13,17 @@ import ssl
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_fpm import fpm  # noqa: F401 - the php-fpm fixture
 
 from conftest import PHP_DIR, ROOT, TEST_MODELS, wait_until
+from fcgi import get
 
 # one worker starts each peer once (module-scoped) instead of every worker its own
 pytestmark = pytest.mark.xdist_group("php_http")
@@ -274,3 +277,15 @@ def test_https_checks_the_servers_certificate(peer: Peer) -> None:
     assert "TLS with " + peer.url in untrusted["message"] and "caFile" in untrusted["message"]
     (trusted,) = run(peer, [infer("echo", x=("FP32", [1.0]))])
     assert trusted["outputs"]["x"]["data"] == [1.0]
+
+
+@pytest.mark.parametrize("peer", ["kserve"], indirect=True)
+def test_under_php_fpm_a_web_request_keeps_one_connection(peer: Peer, fpm: str) -> None:  # noqa: F811
+    """PHP 8.2 frees curl handles when a web request ends: each web request opens one connection
+    and makes all its calls on it (PHP >= 8.5 keeps it across requests: HttpChannel)."""
+    before = _get(peer.url + "/test/connections")["connections"]
+    query = urllib.parse.urlencode({"url": peer.url, "token": TOKEN, "n": 5})
+    pages = [json.loads(get(fpm, str(PHP_DIR / "http_page.php"), query)) for _ in range(3)]
+    assert [(p.get("ok"), p.get("connects")) for p in pages] == [(True, 1)] * 3, pages
+    assert len({p["pid"] for p in pages}) == 1  # one worker served them all
+    assert _get(peer.url + "/test/connections")["connections"] == before + 3
