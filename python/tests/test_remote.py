@@ -379,3 +379,33 @@ def test_unloading_a_remote_model_closes_its_channels_and_poller(kserve_remote) 
                        ).returncode == 0
     wait_until(lambda: connections() == 0, "the local server's connections to the remote close",
                timeout=15)
+
+
+def test_a_declared_remote_model_starts_while_its_remote_is_down(tmp_path: Path) -> None:
+    """The node-local server must not crash-loop because its cluster is down at start: with
+    inputs and outputs declared it serves the model with the breaker open, and answers once
+    the remote comes up. Without them it refuses to start, saying so."""
+    port = free_port()
+    url = f"grpc://127.0.0.1:{port}"
+    undeclared, _ = local_server(tmp_path, remote_toml(url, ("double",)))
+    with pytest.raises(AssertionError, match="declare the model's inputs and outputs"):
+        undeclared.start()
+    undeclared.stop()
+    declared = remote_toml(url, ("double",), remote_poll_interval=0.2) + (
+        'inputs = [{name = "x", datatype = "FP32", shape = [-1, 4]}]\n'
+        'outputs = [{name = "y", datatype = "FP32", shape = [-1, 4]}]\n')
+    local, sock = local_server(tmp_path, declared)
+    peer = kserve_peer(port)
+    try:
+        local.start()
+        with Client(sock, timeout=2.0) as client:
+            assert client.ping()["ready"] is False
+            with pytest.raises(OverloadedError, match="breaker is open"):
+                client.infer("double", {"x": torch.zeros(1, 4)})
+            peer.start()
+            wait_until(lambda: client.ping()["ready"] is True, "the breaker closes", timeout=30)
+            x = torch.ones(1, 4)
+            assert torch.equal(client.infer("double", {"x": x})["y"], x * 2 + 1)
+    finally:
+        local.stop()
+        peer.stop()

@@ -265,7 +265,8 @@ def load_model(config: ModelConfig, version: int = 1) -> LoadedModel:
     pipeline = _build_pipeline(config, module, signature)
     model = LoadedModel(config, module, signature, pipeline, version)
     log.info("loaded %r in %.2f s", config.name, time.monotonic() - t0)
-    if config.warmup > 0:
+    # A remote model loaded while its remote is down is not warmed up (nothing to call).
+    if config.warmup > 0 and getattr(module, "available", True):
         # Warm up the module itself: its inputs can be made up even when the client's
         # (image files) cannot; the postprocess then runs on its outputs.
         example = _warmup_example(config, signature)

@@ -4,7 +4,9 @@
 ``inference.GRPCInferenceService/ModelInfer`` of that server (Triton, KServe, MLServer or
 another TensorBridge's ``--grpc-port``); PHP keeps its shared-memory hop to the local socket.
 
-* The signature (inputs/outputs) is the remote's ``ModelMetadata``, read when the model loads.
+* The signature (inputs/outputs) is the remote's ``ModelMetadata``, read when the model loads;
+  a model whose table declares ``inputs`` and ``outputs`` also loads while the remote is down
+  (breaker open).
 * The call's gRPC deadline is the smaller of the request's remaining deadline (less a
   reserve for the reply) and ``remote_timeout``; a passed deadline answers
   ``DEADLINE_EXCEEDED``.
@@ -40,7 +42,8 @@ from ._errors import (
     TensorBridgeError,
 )
 from ._request import call_deadline
-from ._spec import BY_NAME
+from ._signature import Signature
+from ._spec import BY_NAME, BY_TORCH
 
 if TYPE_CHECKING:
     from ._models import ModelConfig
@@ -150,8 +153,16 @@ class RemoteModule:
         self._stubs = [api.GRPCInferenceStub(c) for c in self._channels]
         self._watchers: list[weakref.WeakMethod[Callable[[], None]]] = []
         self.breaker = _Breaker(self._changed)
-        self.declared = self._read_metadata()
-        self.input_names = [s["name"] for s in self.declared["inputs"]]
+        try:
+            self.declared = self._read_metadata()
+        except ValueError as exc:
+            if config.inputs is None or config.outputs is None:
+                raise ValueError(f"{exc}; to start while the remote is down, declare the "
+                                 "model's inputs and outputs in its table") from None
+            # Declared: serve it with the breaker open until ModelReady answers.
+            log.warning("%s; starting with its declared signature, breaker open", exc)
+            self.declared = Signature.parse(config.inputs, config.outputs).as_dict()
+            self.breaker.set(False, "ModelMetadata failed when the model loaded")
         self._stop = threading.Event()
         self._poller = threading.Thread(target=_poll, args=(weakref.ref(self), self._stop),
                                         name=f"tb-remote-{self.name}", daemon=True)
@@ -254,7 +265,7 @@ class RemoteModule:
         for spec, value in zip(self.declared["inputs"], inputs, strict=True):
             if isinstance(value, torch.Tensor):
                 shape, raw = list(value.shape), _tensor_bytes(value)
-                datatype = spec["datatype"]
+                datatype = BY_TORCH[value.dtype].name
             else:  # BYTES: a list of bytes/str items, each sent length-prefixed
                 items = [v.encode() if isinstance(v, str) else bytes(v) for v in value]
                 shape, datatype = [len(items)], "BYTES"
