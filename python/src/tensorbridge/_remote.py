@@ -59,7 +59,7 @@ _CONTENTS = {"BOOL": "bool_contents", "UINT8": "uint_contents", "INT8": "int_con
              "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 #: Most of the request's remaining deadline kept back from the remote call (s), so that a
 #: remote that does not answer in time is reported to the caller before it gives up.
-_REPLY_RESERVE = 0.05
+_REPLY_RESERVE = 0.1
 #: Larger than gRPC's 4 MiB default: a batch of images is more.
 _MAX_MESSAGE = 1 << 30
 
