@@ -289,3 +289,45 @@ def test_under_php_fpm_a_web_request_keeps_one_connection(peer: Peer, fpm: str) 
     assert [(p.get("ok"), p.get("connects")) for p in pages] == [(True, 1)] * 3, pages
     assert len({p["pid"] for p in pages}) == 1  # one worker served them all
     assert _get(peer.url + "/test/connections")["connections"] == before + 3
+
+
+def test_a_server_killed_mid_call_is_a_connection_error_not_a_timeout(tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorbridge", "serve", "--socket", str(tmp_path / "tb.sock"),
+         "--http-port", str(port), "--model", "sleep=tensorbridge.models.testing:sleep"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(url, None) or server.poll() is not None, "the server answers",
+                   timeout=90, every=0.2)
+        cmd = {"url": url, "token": None, "timeout": 30.0, "connect_attempts": 1,
+               "ops": [infer("sleep", ms=("FP32", [5000.0])), infer("sleep", ms=("FP32", [1.0]))]}
+        php = subprocess.Popen(["php", str(PHP_DIR / "http_calls.php")], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert php.stdin is not None
+        php.stdin.write(json.dumps(cmd))
+        php.stdin.close()
+        php.stdin = None
+        wait_until(lambda: _in_flight(port), "the call reached the server", timeout=30)
+        server.kill()
+        out, err = php.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    assert php.returncode == 0, err
+    during, after = json.loads(out)
+    assert during["error"] == "ConnectionException", during  # at once, not after the 30 s timeout
+    assert "closed the connection" in during["message"]
+    # refused, or reset when it raced the dying listener: a ConnectionException either way
+    assert after["error"] == "ConnectionException", after
+
+
+def _in_flight(port: int) -> bool:
+    """Whether a client connection to the port is established (seen in /proc/net/tcp)."""
+    suffix = f":{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()  # sl, local address, remote address, state (01: established), ...
+        if fields[3] == "01" and fields[1].endswith(suffix):
+            return True
+    return False
