@@ -324,8 +324,13 @@ final class Connection
      * $len bytes: from what a read-ahead left first, then from the socket ($readAhead: wait
      * first unless spinning, then take up to READ_AHEAD bytes).
      */
-    private function readExact(int $len, int $deadline, int $spinMicros, bool $midFrame, bool $readAhead = false): string
-    {
+    private function readExact(
+        int $len,
+        int $deadline,
+        int $spinMicros,
+        bool $midFrame,
+        bool $readAhead = false,
+    ): string {
         $buf = $this->pending;
         if (strlen($buf) >= $len) {
             $this->pending = (string) substr($buf, $len);
@@ -344,7 +349,8 @@ final class Connection
             }
             $waitFirst = false;
             $chunk = '';
-            $n = @socket_recv($sock, $chunk, $readAhead ? max(self::READ_AHEAD, $len - strlen($buf)) : $len - strlen($buf), MSG_DONTWAIT);
+            $want = $readAhead ? max(self::READ_AHEAD, $len - strlen($buf)) : $len - strlen($buf);
+            $n = @socket_recv($sock, $chunk, $want, MSG_DONTWAIT);
             if ($n === false) {
                 $err = socket_last_error($sock);
                 socket_clear_error($sock);

@@ -101,7 +101,9 @@ final class HttpChannel
             $pause = (int) round($delay * (0.5 + mt_rand() / mt_getrandmax() / 2) * 1e9);
             if ($attempt >= $this->connectAttempts || !in_array($errno, self::RETRYABLE, true)
                 || $pause >= $deadline->remainingNs()) {
-                $tries = $attempt === 1 ? '' : sprintf(' (%d attempts over %.2f s)', $attempt, (hrtime(true) - $started) / 1e9);
+                $tries = $attempt === 1
+                    ? ''
+                    : sprintf(' (%d attempts over %.2f s)', $attempt, (hrtime(true) - $started) / 1e9);
                 throw $this->error($errno, curl_error($handle) . $tries, $deadline);
             }
             usleep(intdiv($pause, 1000));
@@ -195,10 +197,12 @@ final class HttpChannel
                 $url,
                 $reason,
             )),
-            $errno === CURLE_GOT_NOTHING, $errno === CURLE_SEND_ERROR, $errno === CURLE_RECV_ERROR => new ConnectionException(
+            in_array($errno, [CURLE_GOT_NOTHING, CURLE_SEND_ERROR, CURLE_RECV_ERROR], true) => new ConnectionException(
                 sprintf('the server at %s closed the connection (did it crash or restart?): %s', $url, $reason),
             ),
-            default => new ConnectionException(sprintf('HTTP request to %s failed: curl error %d: %s', $url, $errno, $reason)),
+            default => new ConnectionException(
+                sprintf('HTTP request to %s failed: curl error %d: %s', $url, $errno, $reason),
+            ),
         };
     }
 }

@@ -60,7 +60,8 @@ final class OipCodec
                 JSON_THROW_ON_ERROR | JSON_UNESCAPED_SLASHES | JSON_UNESCAPED_UNICODE,
             );
         } catch (\JsonException $e) {
-            throw new InvalidInputException('input names and the routing key must be UTF-8: ' . $e->getMessage(), null, $e);
+            $message = 'input names and the routing key must be UTF-8: ' . $e->getMessage();
+            throw new InvalidInputException($message, null, $e);
         }
         $headers = [
             'Content-Type: application/octet-stream',
@@ -95,7 +96,8 @@ final class OipCodec
             try {
                 [$tensors[$name], $pos] = self::output($out, $body, $pos);
             } catch (InvalidInputException $e) {
-                throw new ProtocolException(sprintf('infer response output "%s": %s', $name, $e->getMessage()), null, $e);
+                $message = sprintf('infer response output "%s": %s', $name, $e->getMessage());
+                throw new ProtocolException($message, null, $e);
             }
         }
         if ($pos !== strlen($body)) {
@@ -107,7 +109,11 @@ final class OipCodec
         foreach (['queue_us', 'compute_us', 'preprocess_us', 'batch_size'] as $key) {
             $timing[$key] = is_int($params[$key] ?? null) ? $params[$key] : 0;
         }
-        $timing['version'] = is_string($version) && ctype_digit($version) ? (int) $version : (is_int($version) ? $version : 0);
+        $timing['version'] = match (true) {
+            is_int($version) => $version,
+            is_string($version) && ctype_digit($version) => (int) $version,
+            default => 0,
+        };
         return new Reply($tensors, $timing);
     }
 
@@ -144,8 +150,12 @@ final class OipCodec
      *
      * @param string $model the model the request was for ('' when none)
      */
-    public static function error(HttpResponse $response, string $model, string $url, float $timeout): TensorBridgeException
-    {
+    public static function error(
+        HttpResponse $response,
+        string $model,
+        string $url,
+        float $timeout,
+    ): TensorBridgeException {
         $status = $response->status;
         $decoded = json_decode($response->body, true);
         $message = is_array($decoded) ? ($decoded['error'] ?? $decoded['detail'] ?? null) : null;
@@ -212,7 +222,10 @@ final class OipCodec
         $datatype = $out['datatype'] ?? null;
         $dtype = is_string($datatype) && strtoupper($datatype) === $datatype ? DType::tryFromName($datatype) : null;
         if ($dtype === null) {
-            throw new InvalidInputException(sprintf('datatype %s is not one the PHP client supports', json_encode($datatype)));
+            throw new InvalidInputException(sprintf(
+                'datatype %s is not one the PHP client supports',
+                json_encode($datatype),
+            ));
         }
         $shape = $out['shape'] ?? null;
         if (!is_array($shape) || !array_is_list($shape)) {

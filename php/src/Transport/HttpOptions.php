@@ -40,6 +40,11 @@ final class HttpOptions
      */
     public function tlsKey(): string
     {
-        return implode("\0", [$this->caFile ?? '', $this->verifyTls ? '1' : '0', $this->clientCert ?? '', $this->clientKey ?? '']);
+        return implode("\0", [
+            $this->caFile ?? '',
+            $this->verifyTls ? '1' : '0',
+            $this->clientCert ?? '',
+            $this->clientKey ?? '',
+        ]);
     }
 }

@@ -46,7 +46,9 @@ final class HttpTransport implements Transport
         }
         if (parse_url($url, PHP_URL_QUERY) !== null || parse_url($url, PHP_URL_FRAGMENT) !== null
             || parse_url($url, PHP_URL_USER) !== null) {
-            throw new \InvalidArgumentException('the URL must not carry a query, fragment or user (use HttpOptions token)');
+            throw new \InvalidArgumentException(
+                'the URL must not carry a query, fragment or user (use HttpOptions token)',
+            );
         }
         if ($connectAttempts < 1) {
             throw new \InvalidArgumentException('connectAttempts must be >= 1 (1 = no retry)');
@@ -96,7 +98,8 @@ final class HttpTransport implements Transport
      */
     public function models(Deadline $deadline): array
     {
-        $response = $this->channel->request('/v2/repository/index', '{}', ['Content-Type: application/json'], $deadline);
+        $json = ['Content-Type: application/json'];
+        $response = $this->channel->request('/v2/repository/index', '{}', $json, $deadline);
         $versions = [];
         if ($response->status === 200) {
             foreach (OipCodec::json($response->body, 'repository index', true) as $entry) {
@@ -113,7 +116,10 @@ final class HttpTransport implements Transport
         } elseif (in_array($response->status, [404, 405, 501], true)) {
             $names = $this->getJson('/v2/models', '', $deadline)['models'] ?? null;
             if (!is_array($names)) {
-                throw new ProtocolException(sprintf('%s lists no models (no repository index, no v2/models)', $this->endpoint()));
+                throw new ProtocolException(sprintf(
+                    '%s lists no models (no repository index, no v2/models)',
+                    $this->endpoint(),
+                ));
             }
             $versions = array_fill_keys(array_filter($names, 'is_string'), []);
         } else {
@@ -188,9 +194,15 @@ final class HttpTransport implements Transport
     /**
      * @param array<string, Tensor> $inputs
      */
-    private function inferOne(string $path, string $model, array $inputs, Deadline $deadline, ?string $routingKey): Reply
-    {
-        [$body, $headers] = OipCodec::inferRequest($inputs, intdiv(max(0, $deadline->remainingNs()), 1000), $routingKey);
+    private function inferOne(
+        string $path,
+        string $model,
+        array $inputs,
+        Deadline $deadline,
+        ?string $routingKey,
+    ): Reply {
+        $timeoutUs = intdiv(max(0, $deadline->remainingNs()), 1000);
+        [$body, $headers] = OipCodec::inferRequest($inputs, $timeoutUs, $routingKey);
         $response = $this->channel->request($path, $body, $headers, $deadline);
         if ($response->status !== 200) {
             throw OipCodec::error($response, $model, $this->endpoint(), $deadline->timeout);
