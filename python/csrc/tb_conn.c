@@ -123,6 +123,7 @@ int tb_conn_parse(tb_conn *c, tb_record *out, size_t *n, size_t room, tb_infer *
         r->seq = c->next_seq++;
         r->start = c->rpos;
         r->len = flen;
+        r->copy = NULL;
         if (!good) {
             r->kind = TB_K_BAD;
             c->broken = 1; /* the framing is lost (spec §3): nothing after it is read */
@@ -232,6 +233,13 @@ static void release_in_order(tb_conn *c) {
 int tb_conn_deliver_locked(tb_conn *c, uint64_t seq, uint8_t *data, size_t len, int fd,
                            int hangup, int *resume) {
     *resume = 0;
+    int known = seq >= c->send_seq && seq < c->next_seq;
+    for (tb_out *h = c->held; known && h; h = h->next) known = h->seq != seq;
+    if (!known) { /* answered already, or never asked: a caller's bug, not the peer's */
+        free(data);
+        if (fd >= 0) close(fd);
+        return 0;
+    }
     tb_out *o = malloc(sizeof *o);
     if (o == NULL) {
         free(data);

@@ -54,13 +54,19 @@ typedef struct tb_conn {
     int use_crc;   /* checksums on (ATTACH option): every frame takes the Python path */
 } tb_conn;
 
-/* One frame handed to Python: [start, start + len) of the connection's rbuf. */
+/* One frame handed to Python: [start, start + len) of the connection's rbuf, or its own copy
+ * once handed to another loop thread. */
 typedef struct {
     tb_conn *conn;
     uint8_t kind;
     uint64_t seq;
     size_t start, len;
+    uint8_t *copy;
 } tb_record;
+
+static inline const uint8_t *tb_record_frame(const tb_record *r) {
+    return r->copy ? r->copy : r->conn->rbuf + r->start;
+}
 
 /* Parse status. */
 enum { TB_NEED_MORE = 0, TB_STOP = 1, TB_FULL = 2 };

@@ -26,6 +26,9 @@
 #define MAX_EVENTS 64
 #define MAX_RECORDS 256
 #define RETRIES 16
+/* How long a loop thread hands its frames to the thread running Python rather than queueing
+ * for the GIL itself: a quick call is over by then, a slow one must not hold everyone. */
+#define COMBINE_WAIT_S 0.001
 
 /* A loop thread's scratch: its records, the connections it owns this turn, those to flush. */
 typedef struct {
@@ -84,6 +87,7 @@ static void add_record_closed(tb_turn *t, tb_conn *c) {
     r->kind = TB_K_CLOSED;
     r->seq = 0;
     r->start = r->len = 0;
+    r->copy = NULL;
     tb_conn_ref(c);
 }
 
@@ -123,23 +127,55 @@ static void release(LoopObject *lp, tb_conn *c) {
     pthread_mutex_unlock(&c->mu);
 }
 
-static void flush_dirty(tb_turn *t) {
+/* Send what the handler queued. A send that fails (peer gone) may leave a connection with
+ * nothing pending: it is closed here and Python told (a CLOSED record). */
+static void flush_dirty(LoopObject *lp, tb_turn *t) {
     for (size_t i = 0; i < t->n_dirty; i++) {
         tb_conn *c = t->dirty[i];
         pthread_mutex_lock(&c->mu);
         c->dirty = 0;
-        if (!c->closed) tb_conn_flush_locked(c);
+        if (!c->closed) {
+            tb_conn_flush_locked(c);
+            if (c->eof && c->pending == 0) {
+                finish_locked(lp, c);
+                add_record_closed(t, c);
+            }
+        }
         pthread_mutex_unlock(&c->mu);
         tb_conn_put(c);
     }
     t->n_dirty = 0;
 }
 
+static void call_handler(LoopObject *lp, tb_turn *t, double arrived);
+
+/* flush_dirty, then hand any CLOSED records to Python (GIL taken), until nothing is left. */
+static void flush_all(LoopObject *lp, tb_turn *t) {
+    flush_dirty(lp, t);
+    while (t->n) {
+        PyGILState_STATE g = PyGILState_Ensure();
+        call_handler(lp, t, 0.0);
+        PyGILState_Release(g);
+        flush_dirty(lp, t);
+    }
+}
+
+static void handle_records(LoopObject *lp, tb_turn *t, tb_record *records, size_t n,
+                           double arrived);
+
 /* Hand the turn's records to Python (GIL held); drops their references. */
 static void call_handler(LoopObject *lp, tb_turn *t, double arrived) {
-    PyObject *items = tb_records_to_list(t->records, t->n, &t->infer, arrived);
-    for (size_t i = 0; i < t->n; i++) tb_conn_put(t->records[i].conn);
+    handle_records(lp, t, t->records, t->n, arrived);
     t->n = 0;
+}
+
+static void handle_records(LoopObject *lp, tb_turn *t, tb_record *records, size_t n,
+                           double arrived) {
+    PyObject *items = tb_records_to_list(records, n, &t->infer, arrived);
+    for (size_t i = 0; i < n; i++) {
+        free(records[i].copy);
+        tb_conn_put(records[i].conn);
+    }
     if (items == NULL) {
         PyErr_WriteUnraisable(lp->handler);
         return;
@@ -152,10 +188,107 @@ static void call_handler(LoopObject *lp, tb_turn *t, double arrived) {
     Py_XDECREF(res);
 }
 
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Records another loop thread handed over, with their frames copied (its connections are
+ * let go at once). */
+typedef struct tb_deposit {
+    struct tb_deposit *next;
+    double arrived, handed;
+    size_t n;
+    tb_record records[];
+} tb_deposit;
+
+/* One loop thread at a time runs Python (the combiner); the others hand it their records and
+ * go back to epoll, so that loop threads never queue for the GIL: a hand-over of the GIL is a
+ * wake-up. Returns 1 when the caller is now the combiner, 0 when its records were handed
+ * over (or, out of memory, -1: the caller runs them itself, waiting for the GIL). */
+static int combine_or_deposit(LoopObject *lp, tb_turn *t, double arrived) {
+    pthread_mutex_lock(&lp->cmu);
+    if (!lp->combining) {
+        lp->combining = 1;
+        lp->busy_since = arrived;
+        pthread_mutex_unlock(&lp->cmu);
+        return 1;
+    }
+    /* The combiner has been in one call for long (a slow model run inline): do not wait for
+     * it; run these here, taking the GIL when the model lets go of it. */
+    int stuck = now_s() - lp->busy_since > COMBINE_WAIT_S;
+    pthread_mutex_unlock(&lp->cmu);
+    if (stuck) return -1;
+    tb_deposit *d = malloc(sizeof *d + t->n * sizeof(tb_record));
+    if (d == NULL) return -1;
+    for (size_t i = 0; i < t->n; i++) {
+        tb_record *r = &t->records[i];
+        r->copy = malloc(r->len ? r->len : 1);
+        if (r->copy == NULL) {
+            for (size_t k = 0; k < i; k++) free(t->records[k].copy), t->records[k].copy = NULL;
+            r->copy = NULL;
+            free(d);
+            return -1;
+        }
+        memcpy(r->copy, r->conn->rbuf + r->start, r->len);
+    }
+    memcpy(d->records, t->records, t->n * sizeof(tb_record));
+    d->n = t->n;
+    d->arrived = arrived;
+    d->handed = now_s();
+    d->next = NULL;
+    pthread_mutex_lock(&lp->cmu);
+    if (!lp->combining) { /* the combiner left meanwhile: run them here */
+        lp->combining = 1;
+        pthread_mutex_unlock(&lp->cmu);
+        for (size_t i = 0; i < t->n; i++) free(t->records[i].copy), t->records[i].copy = NULL;
+        free(d);
+        return 1;
+    }
+    *lp->dep_tail = d;
+    lp->dep_tail = &d->next;
+    pthread_mutex_unlock(&lp->cmu);
+    t->n = 0;
+    return 0;
+}
+
+/* The combiner's next handed-over batch, or NULL (and it is no longer the combiner). */
+static tb_deposit *take_deposit(LoopObject *lp) {
+    pthread_mutex_lock(&lp->cmu);
+    tb_deposit *d = lp->deposits;
+    if (d) {
+        lp->busy_since = now_s();
+        lp->deposits = d->next;
+        if (lp->deposits == NULL) lp->dep_tail = &lp->deposits;
+    } else {
+        lp->combining = 0;
+    }
+    pthread_mutex_unlock(&lp->cmu);
+    return d;
+}
+
+/* Hand-overs the combiner has not taken within COMBINE_WAIT_S (it is in a slow call): all of
+ * them, to be run by the calling thread; NULL if none. */
+static tb_deposit *steal_stale(LoopObject *lp) {
+    pthread_mutex_lock(&lp->cmu);
+    tb_deposit *d = lp->deposits;
+    if (d && now_s() - d->handed > COMBINE_WAIT_S) {
+        lp->deposits = NULL;
+        lp->dep_tail = &lp->deposits;
+    } else {
+        d = NULL;
+    }
+    pthread_mutex_unlock(&lp->cmu);
+    return d;
+}
+
+static int has_deposits(LoopObject *lp) {
+    pthread_mutex_lock(&lp->cmu);
+    int any = lp->deposits != NULL;
+    pthread_mutex_unlock(&lp->cmu);
+    return any;
 }
 
 PyObject *tb_loop_run(LoopObject *lp, PyObject *unused) {
@@ -165,10 +298,20 @@ PyObject *tb_loop_run(LoopObject *lp, PyObject *unused) {
     struct epoll_event events[MAX_EVENTS];
     Py_BEGIN_ALLOW_THREADS
     while (!__atomic_load_n(&lp->stopping, __ATOMIC_ACQUIRE)) {
-        int n = epoll_wait(lp->ep, events, MAX_EVENTS, -1);
+        /* While hand-overs wait, wake within COMBINE_WAIT_S to take them if still waiting. */
+        int n = epoll_wait(lp->ep, events, MAX_EVENTS,
+                           has_deposits(lp) ? (int)(COMBINE_WAIT_S * 1000) + 1 : -1);
         if (n < 0) {
             if (errno == EINTR) continue;
             break;
+        }
+        for (tb_deposit *d = steal_stale(lp), *next; d; d = next) {
+            next = d->next;
+            Py_BLOCK_THREADS
+            handle_records(lp, t, d->records, d->n, d->arrived);
+            Py_UNBLOCK_THREADS
+            free(d);
+            flush_all(lp, t);
         }
         double arrived = now_s();
         t->n_mine = 0;
@@ -194,11 +337,26 @@ PyObject *tb_loop_run(LoopObject *lp, PyObject *unused) {
             for (size_t i = 0; i < t->n_mine; i++) st[i] = serve(lp, t, t->mine[i], 1);
             int handed = t->n > 0;
             if (handed) {
-                Py_BLOCK_THREADS
-                call_handler(lp, t, arrived);
-                Py_UNBLOCK_THREADS
+                int role = combine_or_deposit(lp, t, arrived);
+                if (role != 0) {
+                    Py_BLOCK_THREADS
+                    call_handler(lp, t, arrived);
+                    Py_UNBLOCK_THREADS
+                }
                 for (size_t i = 0; i < t->n_mine; i++) tb_conn_compact(t->mine[i]);
-                flush_dirty(t);
+                flush_all(lp, t);
+                if (role == 1) {
+                    tb_deposit *d;
+                    while ((d = take_deposit(lp)) != NULL) {
+                        Py_BLOCK_THREADS
+                        handle_records(lp, t, d->records, d->n, d->arrived);
+                        Py_UNBLOCK_THREADS
+                        free(d);
+                        flush_all(lp, t);
+                    }
+                } else if (role == 0) {
+                    handed = 0; /* no second look: the combiner answers these later */
+                }
                 arrived = now_s();
             }
             size_t keep = 0;
@@ -317,6 +475,9 @@ int tb_loop_close(LoopObject *lp, uint64_t cid) {
 
 int tb_loop_init(LoopObject *lp) {
     pthread_mutex_init(&lp->tmu, NULL);
+    pthread_mutex_init(&lp->cmu, NULL);
+    lp->deposits = NULL;
+    lp->dep_tail = &lp->deposits;
     lp->ep = epoll_create1(EPOLL_CLOEXEC);
     if (lp->ep < 0) return errno;
     lp->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -327,6 +488,7 @@ int tb_loop_init(LoopObject *lp) {
 }
 
 void tb_loop_stop(LoopObject *lp) {
+
     __atomic_store_n(&lp->stopping, 1, __ATOMIC_RELEASE);
     uint64_t one = 1;
     ssize_t n = write(lp->stopfd, &one, sizeof one); /* never read: wakes every thread */
@@ -340,5 +502,14 @@ void tb_loop_free(LoopObject *lp) {
     free(lp->gens);
     if (lp->ep >= 0) close(lp->ep);
     if (lp->stopfd >= 0) close(lp->stopfd);
+    for (tb_deposit *d = lp->deposits, *next; d; d = next) {
+        next = d->next;
+        for (size_t i = 0; i < d->n; i++) {
+            free(d->records[i].copy);
+            tb_conn_put(d->records[i].conn);
+        }
+        free(d);
+    }
     pthread_mutex_destroy(&lp->tmu);
+    pthread_mutex_destroy(&lp->cmu);
 }

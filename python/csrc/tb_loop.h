@@ -19,6 +19,10 @@ typedef struct {
     uint32_t *gens; /* a slot's generation is the high half of its connections' ids */
     uint32_t nslots;
     uint32_t open;
+    pthread_mutex_t cmu; /* guards the three below */
+    int combining;       /* a loop thread is running Python for everyone */
+    double busy_since;   /* when its current call began */
+    struct tb_deposit *deposits, **dep_tail;
 } LoopObject;
 
 int tb_loop_init(LoopObject *lp);

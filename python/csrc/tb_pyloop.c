@@ -26,7 +26,7 @@ static void wr64(uint8_t *p, uint64_t v) {
 }
 
 static PyObject *fast_tuple(const tb_record *r, const tb_header *h, tb_infer *q, double at) {
-    const uint8_t *body = r->conn->rbuf + r->start + TB_HEADER_SIZE;
+    const uint8_t *body = tb_record_frame(r) + TB_HEADER_SIZE;
     if (tb_parse_infer(body, h->body_len, q) != TB_OK) { /* parsed before: cannot happen */
         PyErr_SetString(PyExc_RuntimeError, "fast record no longer parses");
         return NULL;
@@ -76,7 +76,7 @@ PyObject *tb_records_to_list(const tb_record *records, size_t n, tb_infer *scrat
     if (list == NULL) return NULL;
     for (size_t i = 0; i < n; i++) {
         const tb_record *r = &records[i];
-        const char *frame = (const char *)r->conn->rbuf + r->start;
+        const char *frame = (const char *)tb_record_frame(r);
         unsigned long long cid = r->conn->cid, seq = r->seq;
         PyObject *item = NULL;
         tb_header h;

@@ -626,11 +626,13 @@ def test_compiled_parser_agrees_with_python(tmp_path: Path) -> None:
 
 def test_compiled_parser_under_asan_and_ubsan(tmp_path: Path) -> None:
     """The C parser, built with -fsanitize=address,undefined, reads every fuzzed record from
-    a buffer of exactly its size: no finding, and the same verdict as Python for each."""
+    a buffer of exactly its size: no finding, and the same verdict as Python for each. The
+    compiled loop's connection code splits the same frames as byte streams and answers them."""
     harness = tmp_path / "fuzz_frames"
     subprocess.run(["gcc", "-std=c11", "-g", "-O1", "-fno-omit-frame-pointer",
                     "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    str(CSRC / "tb_frame.c"), str(CSRC / "fuzz_frames.c"), "-o", str(harness)],
+                    "-pthread", str(CSRC / "tb_frame.c"), str(CSRC / "tb_conn.c"),
+                    str(CSRC / "fuzz_frames.c"), "-o", str(harness)],
                    check=True)
     rng = random.Random(SEED + 1)
     corpus = tmp_path / "corpus.bin"
@@ -644,3 +646,4 @@ def test_compiled_parser_under_asan_and_ubsan(tmp_path: Path) -> None:
     assert "ERROR: AddressSanitizer" not in run.stderr and "runtime error" not in run.stderr
     print(f"\nsanitizer run (seed {SEED}): {run.stdout.strip()}, findings 0")
     assert f"records {FRAMES} " in run.stdout
+    assert " stream_frames 0 " not in run.stdout

@@ -32,6 +32,8 @@ log = logging.getLogger("tensorbridge")
 
 #: The seed's queue-depth policy: above this many waiting requests, batch.
 QUEUE_DEPTH_THRESHOLD = 50
+#: Model calls shorter than this on average may run inline on the compiled loop's thread.
+QUICK_CALL_S = 0.002
 
 
 def batch_key(inputs: dict[str, Any], pad: Mapping[str, int] | None = None
@@ -121,6 +123,8 @@ class ModelQueue:
         #: for batching models only).
         self.batch_sizes: dict[int, int] = {}
         self.replaced = 0
+        #: Moving average of a model call's seconds (``quick`` reads it); unknown = slow.
+        self.call_s = float("inf")
         self._on_batch = on_batch
         self._on_instances = on_instances
         self._jobs: deque[Request] = deque()
@@ -167,6 +171,13 @@ class ModelQueue:
                     inst.busy_since = time.monotonic()
                     return inst
             return None
+
+    @property
+    def quick(self) -> bool:
+        """Whether a call takes under ``QUICK_CALL_S`` on average: only such calls run inline
+        on the compiled loop's one Python thread (a slow one would hold everyone's replies
+        while the model's other instances idle)."""
+        return self.call_s < QUICK_CALL_S
 
     def run_claimed(self, inst: _Instance, job: Request) -> None:
         """Run a job in this thread on the instance taken by ``try_claim``, then free it."""
@@ -356,6 +367,8 @@ class ModelQueue:
             return
         finally:
             call_deadline.reset(token)
+        took = time.monotonic() - started
+        self.call_s = took if self.call_s == float("inf") else self.call_s + (took - self.call_s) / 8
         self._record(rows)
         for job, part in zip(live, parts, strict=True):
             job.finish(part, rows)

@@ -222,8 +222,11 @@ class CLoop:
                     self._bad_header(conn, item[2], item[3])
                 else:
                     conn.closed_by_loop()
-            except Exception:  # a server bug must not cost the loop thread its batch
+            except Exception as exc:  # a bug: still answer, or the connection waits forever
                 log.exception("internal error in the compiled loop's handler")
+                if item[0] in (_FAST, _FRAME):
+                    conn.emit_error(item[2], item[3] if item[0] == _FAST else 0,
+                                    InternalError(f"internal server error: {exc!r}"))
 
     def _fast(self, conn: LoopConnection, item: tuple[Any, ...]) -> None:
         (_, _, seq, rid, arrived, timeout_us, model, version, key, out_offset, out_capacity,
@@ -238,8 +241,7 @@ class CLoop:
             for name, code, shape, offset, count in descs:
                 dtype = BY_CODE[code]
                 given[name] = (dtype, shape)
-                assert dtype.torch is not None  # C sends BYTES frames the Python way
-                tensors[name] = region.view(dtype.torch, offset, count, shape)
+                tensors[name] = infer.region_input(region, name, dtype, offset, count, shape)
             return tensors, given
 
         try:

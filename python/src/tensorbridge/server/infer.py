@@ -19,6 +19,7 @@ from .._errors import (
     TensorBridgeError,
 )
 from .._models import LoadedModel
+from .._region import Region
 from .._request import Request
 from .._scheduler import batch_key
 from .._spec import (
@@ -223,21 +224,36 @@ def _input(conn: Peer, d: TensorDesc, inline: memoryview | bytes) -> Any:
             raise InvalidInputError(f"input {d.name!r}: malformed BYTES tensor: {exc}"
                                     ) from None
     assert d.dtype.torch is not None
-    try:
-        if d.location == LOCATION_REGION:
-            assert region is not None
-            tensor = region.view(d.dtype.torch, d.offset, d.count, d.shape)
-        elif d.count:
-            tensor = torch.frombuffer(bytearray(raw), dtype=d.dtype.torch).view(d.shape)
-        else:
-            tensor = torch.empty(d.shape, dtype=d.dtype.torch)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        # e.g. an empty tensor whose other dims are too large for torch to index
-        raise InvalidInputError(f"input {d.name!r}: shape {list(d.shape)} cannot be made "
-                                f"into a tensor ({exc}); send dims below 2^31") from None
+    if d.location == LOCATION_REGION:
+        assert region is not None
+        tensor = region_input(region, d.name, d.dtype, d.offset, d.count, d.shape)
+    else:
+        try:
+            if d.count:
+                tensor = torch.frombuffer(bytearray(raw), dtype=d.dtype.torch).view(d.shape)
+            else:
+                tensor = torch.empty(d.shape, dtype=d.dtype.torch)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise _unshapeable(d.name, d.shape, exc) from None
     if d.dtype.name == "BOOL" and d.count and tensor.view(torch.uint8).max() > 1:
         raise InvalidInputError(f"input {d.name!r}: BOOL items must be 0 or 1")
     return tensor
+
+
+def region_input(region: Region, name: str, dtype: DType, offset: int, count: int,
+                 shape: tuple[int, ...]) -> Any:
+    """A tensor viewing an input in the region (bounds checked by the caller)."""
+    assert dtype.torch is not None
+    try:
+        return region.view(dtype.torch, offset, count, shape)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise _unshapeable(name, shape, exc) from None
+
+
+def _unshapeable(name: str, shape: tuple[int, ...], exc: Exception) -> InvalidInputError:
+    # e.g. an empty tensor whose other dims are too large for torch to index
+    return InvalidInputError(f"input {name!r}: shape {list(shape)} cannot be made into a "
+                             f"tensor ({exc}); send dims below 2^31")
 
 
 def _place_outputs(conn: Peer, outputs: dict[str, Any], out_offset: int,

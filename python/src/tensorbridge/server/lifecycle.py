@@ -291,6 +291,8 @@ class Server:
         False when the model's queue is full (the caller answers OVERLOADED)."""
         assert request.served is not None and request.served.queue is not None
         queue = request.served.queue
+        if self._cloop is not None and not queue.quick:
+            return queue.submit(request)
         with self._lock:
             # Keep one thread waiting on epoll: never let the last one go compute.
             spare = self._computing < self._io_count - 1
