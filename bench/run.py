@@ -539,6 +539,11 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             ratios.append(on / off)
     goal("G6b batching still >= 1.3x unbatched (ResNet-18, 16 processes)", ratios, 1.3, True,
          "img/s with dynamic batching / without (1 instance, 2 torch threads)")
+    vs_http, vs_ceiling = text.goal_ratios(results.get("S8", []))
+    goal("S8 text at 16 PHP processes >= 2x FastAPI + sentence-transformers' sentences/s",
+         vs_http, 2.0, True, "TensorBridge sentences/s / FastAPI's (all-MiniLM-L6-v2)")
+    goal("S8 text at 16 PHP processes >= 80% of in-process sentence-transformers", vs_ceiling,
+         0.8, True, "TensorBridge sentences/s / sentence-transformers in-process, batches of 16")
     if results.get("S10"):
         goal(f"S10 p99 of PHP callers during swaps <= p99 without + {swap.GOAL_MS:g} ms",
              [results["S10"]["p99_added_ms"]], swap.GOAL_MS, False,

@@ -280,6 +280,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def goal_ratios(rows: list[dict[str, Any]], level: int = 16) -> tuple[list[float], list[float]]:
+    """Per repeat at ``level`` processes: TensorBridge / FastAPI and TensorBridge / in-process
+    sentences/s (the issue's goals: >= 2 and >= 0.8)."""
+    vs_http, vs_ceiling = [], []
+    for rep in sorted({r["repeat"] for r in rows}):
+        rate = {r["variant"]: r["sentences_s"] for r in rows
+                if r["repeat"] == rep and r["processes"] == level}
+        if rate.get("tensorbridge") and rate.get("fastapi") and rate.get("in-process"):
+            vs_http.append(rate["tensorbridge"] / rate["fastapi"])
+            vs_ceiling.append(rate["tensorbridge"] / rate["in-process"])
+    return vs_http, vs_ceiling
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--serve-http", type=int, metavar="PORT", default=None)
