@@ -296,10 +296,17 @@ def oip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OipServer]:
     path = tmp_path_factory.mktemp("oip")
     (path / "tb.toml").write_text('[models.rows]\nsource = "tensorbridge.models.testing:rows"\n'
                                   "max_batch_size = 8\nmax_queue_delay_us = 5000\n")
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    srv = ServerProcess(str(path / "tb.sock"), [
-        "--config", str(path / "tb.toml"), *[a for m in TEST_MODELS for a in ("--model", m)],
-        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    ).start()
+    for attempt in range(3):  # a port free a moment ago may be taken by then: pick again
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        srv = ServerProcess(str(path / "tb.sock"), [
+            "--config", str(path / "tb.toml"), *[a for m in TEST_MODELS for a in ("--model", m)],
+            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)])
+        try:
+            srv.start()
+            break
+        except AssertionError:
+            srv.stop()
+            if attempt == 2:
+                raise
     yield OipServer(srv, f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", metrics)
     srv.stop()
