@@ -70,7 +70,9 @@ class _Waiter:
     def __init__(self, gateway: Gateway, front: str) -> None:
         self.gateway = gateway
         self.front = front
-        self.done = threading.Event()
+        #: Made only when the request is queued: one computed inline is answered before
+        #: ``infer`` looks (an Event per request is measurable on a tiny call).
+        self.done: threading.Event | None = None
         self.answer_: Answer | None = None
         self.error: TensorBridgeError | None = None
 
@@ -90,7 +92,8 @@ class _Waiter:
             self.gateway.server.metrics.in_flight(-1)
             with self.gateway.lock:
                 self.gateway.pending -= 1
-            self.done.set()
+            if self.done is not None:
+                self.done.set()
 
 
 class Gateway:
@@ -148,17 +151,18 @@ class Gateway:
         server.metrics.in_flight(1)
         instance = queue.try_claim()
         if instance is not None:
-            queue.run_claimed(instance, request)
-        elif not queue.submit(request):
-            request.finish(OverloadedError(
-                f"model {loaded.name!r} has {loaded.config.max_queue} requests queued "
-                "(max_queue); retry later or raise max_queue"), 0)
-        elif deadline is not None and not waiter.done.wait(
-                max(0.0, deadline - time.monotonic())):
-            # Still queued (or running) at its deadline: take it out if it has not started.
-            for job in queue.expire(time.monotonic()):
-                job.finish(deadline_error(job), 0)
-        waiter.done.wait()
+            queue.run_claimed(instance, request)  # answered (waiter.answer) before it returns
+        else:
+            done = waiter.done = threading.Event()
+            if not queue.submit(request):
+                request.finish(OverloadedError(
+                    f"model {loaded.name!r} has {loaded.config.max_queue} requests queued "
+                    "(max_queue); retry later or raise max_queue"), 0)
+            elif deadline is not None and not done.wait(max(0.0, deadline - time.monotonic())):
+                # Still queued (or running) at its deadline: take it out if not started.
+                for job in queue.expire(time.monotonic()):
+                    job.finish(deadline_error(job), 0)
+            done.wait()
         if waiter.error is not None:
             raise waiter.error
         assert waiter.answer_ is not None
