@@ -44,6 +44,15 @@ class _Head(nn.Module):
         return x.reshape(x.shape[0], -1)[:, :1000] + 1.0
 
 
+class _Identity(nn.Module):
+    tensorbridge_signature = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}],
+        "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, -1]}]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class _Rows(nn.Module):
     tensorbridge_signature = {
         "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
@@ -95,6 +104,12 @@ def hang() -> nn.Module:
 def fail() -> nn.Module:
     """Always raises ``ValueError``: for error-path tests."""
     return _Fail()
+
+
+def identity() -> nn.Module:
+    """``x`` FP32 [-1, -1] back unchanged: the no-op with a declared signature, for paths that
+    need one (the remote backend takes it from the remote's metadata)."""
+    return _Identity()
 
 
 def rows(ms: float = 10.0) -> nn.Module:
