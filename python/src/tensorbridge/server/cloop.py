@@ -67,12 +67,13 @@ class LoopConnection(Peer):
         self.closed = False
         self._cloop = cloop
         self._loop = cloop.loop
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards closed and _infers
+        self._infers = 0  # INFERs submitted and not answered (what drain and PONG count)
         #: The loop's id of this connection (it owns the socket from here on).
         self.cid: int = self._loop.add(sock.detach())
 
     def in_flight(self) -> int:
-        return int(self._loop.pending(self.cid))
+        return self._infers
 
     def close(self) -> None:
         self._loop.close(self.cid)
@@ -106,6 +107,8 @@ class LoopConnection(Peer):
         if request.served is not None:
             request.served.release()
         self.server.metrics.in_flight(-1)
+        with self._lock:
+            self._infers -= 1
 
     def _answer_fast(self, request: Request) -> bool:
         """Place the outputs and send INFER_OK from C; False leaves it to the Python path."""
@@ -151,6 +154,8 @@ class LoopConnection(Peer):
         threading.Thread(target=run, name=f"tb-admin-{self.peer_pid}", daemon=True).start()
 
     def _submit(self, request: Request) -> None:
+        with self._lock:
+            self._infers += 1  # before the queue sees it: a worker may answer at once
         server = self.server
         server.metrics.in_flight(1)
         if not server.dispatch(request):
