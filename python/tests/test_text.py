@@ -400,3 +400,11 @@ def test_on_another_device_the_torch_encoder_serves() -> None:
     assert model.backend == "onnx"
     assert model.to("meta").backend == "torch"  # ONNX Runtime runs on the CPU only here
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_more_tokens_than_positions_is_refused_by_either_backend() -> None:
+    for backend in ("onnx", "torch"):
+        model = minilm.create(backend=backend)
+        ids = torch.full((1, 513), 1000, dtype=torch.int64)
+        with pytest.raises(ValueError, match="513 tokens, more than the model's 512 positions"):
+            model(ids, torch.ones_like(ids))

@@ -176,12 +176,13 @@ class SentenceEncoder(nn.Module):
     """Right-padded token ids + attention mask [n, L] -> token embeddings FP32 [n, L, d]
     (zeros past each row's tokens), by ONNX Runtime or torch, in calls of similar lengths."""
 
-    def __init__(self, folder: Path, encoder: Any, backend: str, dim: int) -> None:
+    def __init__(self, folder: Path, encoder: Any, backend: str, config: dict[str, Any]) -> None:
         super().__init__()
         self.folder = folder
         self.encoder = encoder
         self.backend = backend
-        self.dim = dim
+        self.dim = int(config["hidden_size"])
+        self.max_positions = int(config["max_position_embeddings"])
 
     def to(self, *args: Any, **kwargs: Any) -> SentenceEncoder:
         """Move to a device; ONNX Runtime runs on the CPU, so on another device the torch
@@ -200,6 +201,9 @@ class SentenceEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         n, width = input_ids.shape
+        if width > self.max_positions:  # ONNX Runtime would not say so itself
+            raise ValueError(f"{width} tokens, more than the model's {self.max_positions} "
+                             "positions; lower preprocess.max_length")
         # Rows are right-padded (the text pipeline and the scheduler pad on the right). A row
         # without tokens (a made-up warm-up input) is run as one token: no NaN reaches the
         # pooling, which gives it weight 0 anyway.
@@ -231,7 +235,7 @@ def create(folder: str | None = None, max_length: int | None = None, backend: st
     if backend not in BACKENDS:
         raise ValueError(f"minilm backend must be one of {list(BACKENDS)}, got {backend!r}")
     path = Path(folder) if folder else bundled_folder()
-    dim = int(json.loads((path / "config.json").read_text("utf-8"))["hidden_size"])
+    config = json.loads((path / "config.json").read_text("utf-8"))
     encoder: Any = None
     chosen = "torch"
     if backend != "torch":
@@ -255,11 +259,11 @@ def create(folder: str | None = None, max_length: int | None = None, backend: st
             log.warning("minilm runs on torch, about half as fast as on ONNX Runtime: %s", exc)
     if encoder is None:
         encoder = load_encoder(path)
-    model = SentenceEncoder(path, encoder, chosen, dim)
+    model = SentenceEncoder(path, encoder, chosen, config)
     object.__setattr__(model, "tensorbridge_signature", {
         "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
                    {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}],
-        "outputs": [{"name": "token_embeddings", "datatype": "FP32", "shape": [-1, -1, dim]}],
+        "outputs": [{"name": "token_embeddings", "datatype": "FP32", "shape": [-1, -1, model.dim]}],
     })
     preprocess: dict[str, Any] = {"input": "text", "tokenizer": str(path)}
     if max_length:
