@@ -11,7 +11,9 @@ and ``tests/test_deploy.py`` checks that every name they query is defined here.
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import Counter as Counter_
 from collections.abc import Iterable
 from typing import Any
 
@@ -85,6 +87,11 @@ def _observe_all(hist: Any, values: np.ndarray) -> None:
     total.inc(float(values.sum()))
 
 
+def taken(counter: itertools.count[int]) -> int:
+    """How many values ``next`` took from a count (its repr is ``count(N)``)."""
+    return int(repr(counter)[6:-1])
+
+
 class _Flush(Collector):
     """Registered first: a scrape flushes the noted requests before anything is collected."""
 
@@ -116,6 +123,7 @@ class Metrics:
         r = self.registry
         #: Answered requests waiting to be put into the histograms (``request_done``).
         self._pending: list[tuple[str, str, float, float, float, float]] = []
+        self._versions: list[tuple[str, int, str]] = []
         self._pending_lock = threading.Lock()
         r.register(_Flush(self))  # first: every scrape takes the pending requests in
         # process_resident_memory_bytes, process_open_fds: what the soak tests watch too.
@@ -140,8 +148,12 @@ class Metrics:
         self._batch = Histogram("tensorbridge_batch_size", "Rows computed in one model call "
                                 "(models with batching on)",
                                 ["model"], buckets=BATCH_BUCKETS, registry=r)
-        self._in_flight = Gauge("tensorbridge_in_flight_requests",
-                                "Requests received and not yet answered", registry=r)
+        in_flight = Gauge("tensorbridge_in_flight_requests",
+                          "Requests received and not yet answered", registry=r)
+        # Counted on every request by two counters whose next() is atomic (no lock), read
+        # when scraped.
+        self._received, self._answered = itertools.count(), itertools.count()
+        in_flight.set_function(self._in_flight_now)
         self._connections = Gauge("tensorbridge_connections_open", "Open client connections",
                                   registry=r)
         self._shm_bytes = Gauge("tensorbridge_shm_mapped_bytes",
@@ -211,12 +223,10 @@ class Metrics:
         self._version_ready.labels(model, str(version)).set(1 if ready else 0)
 
     def version_request(self, model: str, version: int, status: str) -> None:
-        """One INFER answered by ``version`` of a known model."""
-        child = self._version_children.get((model, version, status))
-        if child is None:
-            child = self._version_requests.labels(self._model(model), str(version), status)
-            self._version_children[(model, version, status)] = child
-        child.inc()
+        """One INFER answered by ``version`` of a known model (counted in bulk, as
+        ``request_done``)."""
+        with self._pending_lock:
+            self._versions.append((model, version, status))
 
     def instances_alive(self, model: str, n: int) -> None:
         """How many of the model's instances are healthy now."""
@@ -237,6 +247,14 @@ class Metrics:
         """Put the answered requests noted so far into the counters and histograms."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
+            versions, self._versions = self._versions, []
+        for key, n in Counter_(versions).items():
+            child = self._version_children.get(key)
+            if child is None:
+                model, version, status = key
+                child = self._version_requests.labels(self._model(model), str(version), status)
+                self._version_children[key] = child
+            child.inc(n)
         groups: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
         for model, status, *seconds in pending:
             groups.setdefault((model, status), []).append(tuple(seconds))  # type: ignore[arg-type]
@@ -276,7 +294,12 @@ class Metrics:
 
     def in_flight(self, delta: int) -> None:
         """Requests received (+1) or answered (-1)."""
-        self._in_flight.inc(delta)
+        counter = self._received if delta > 0 else self._answered
+        for _ in range(abs(delta)):
+            next(counter)
+
+    def _in_flight_now(self) -> float:
+        return float(taken(self._received) - taken(self._answered))
 
     def shm_mapped(self, delta_bytes: int) -> None:
         """A region was created (+size) or released (-size)."""

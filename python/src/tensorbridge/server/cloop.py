@@ -12,6 +12,7 @@ MODELS, ADMIN, checksummed or inline or BYTES tensors, errors) takes the Python 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._errors import InternalError, ProtocolError, TensorBridgeError
+from .._metrics import taken
 from .._region import Region
 from .._request import Request
 from .._spec import BY_CODE, BY_TORCH, ErrorCode, FrameType
@@ -67,13 +69,15 @@ class LoopConnection(Peer):
         self.closed = False
         self._cloop = cloop
         self._loop = cloop.loop
-        self._lock = threading.Lock()  # guards closed and _infers
-        self._infers = 0  # INFERs submitted and not answered (what drain and PONG count)
+        self._lock = threading.Lock()  # guards closed
+        # INFERs submitted and answered (their difference is what drain and PONG count):
+        # next() on a count is atomic, no lock on the request path.
+        self._submitted, self._answered = itertools.count(), itertools.count()
         #: The loop's id of this connection (it owns the socket from here on).
         self.cid: int = self._loop.add(sock.detach())
 
     def in_flight(self) -> int:
-        return self._infers
+        return taken(self._submitted) - taken(self._answered)
 
     def close(self) -> None:
         self._loop.close(self.cid)
@@ -107,8 +111,7 @@ class LoopConnection(Peer):
         if request.served is not None:
             request.served.release()
         self.server.metrics.in_flight(-1)
-        with self._lock:
-            self._infers -= 1
+        next(self._answered)
 
     def _answer_fast(self, request: Request) -> bool:
         """Place the outputs and send INFER_OK from C; False leaves it to the Python path."""
@@ -154,8 +157,7 @@ class LoopConnection(Peer):
         threading.Thread(target=run, name=f"tb-admin-{self.peer_pid}", daemon=True).start()
 
     def _submit(self, request: Request) -> None:
-        with self._lock:
-            self._infers += 1  # before the queue sees it: a worker may answer at once
+        next(self._submitted)  # before the queue sees it: a worker may answer at once
         server = self.server
         server.metrics.in_flight(1)
         if not server.dispatch(request):
