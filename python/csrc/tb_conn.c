@@ -58,6 +58,11 @@ void tb_conn_compact(tb_conn *c) {
     memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
     c->rlen -= c->rpos;
     c->rpos = 0;
+    if (c->rlen == 0 && c->rcap > 4 * READ_MIN) { /* a large frame is done: give it back */
+        free(c->rbuf);
+        c->rbuf = NULL;
+        c->rcap = 0;
+    }
 }
 
 int tb_conn_read(tb_conn *c) {

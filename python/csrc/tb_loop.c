@@ -24,7 +24,7 @@
 #include "tb_loop.h"
 
 #define MAX_EVENTS 64
-#define MAX_RECORDS 256
+#define MAX_RECORDS 320 /* at most MAX_RECORDS - MAX_EVENTS frames a turn */
 #define RETRIES 16
 /* How long a loop thread hands its frames to the thread running Python rather than queueing
  * for the GIL itself: a quick call is over by then, a slow one must not hold everyone. */
@@ -94,7 +94,8 @@ static void add_record_closed(tb_turn *t, tb_conn *c) {
 /* Serve one owned connection: parse what is buffered, read, parse again. Returns whether it
  * stays owned by this turn (it may have more to read). */
 static int serve(LoopObject *lp, tb_turn *t, tb_conn *c, int may_read) {
-    size_t room = MAX_RECORDS - 1; /* one kept for a CLOSED record */
+    /* Room is kept for a CLOSED record of every connection this turn owns. */
+    size_t room = MAX_RECORDS - MAX_EVENTS;
     int st = tb_conn_parse(c, t->records, &t->n, room, &t->infer);
     if (st == TB_NEED_MORE && may_read) {
         int got = tb_conn_read(c);

@@ -10,6 +10,10 @@ Either way the outputs go into the connection's region and the computing thread 
 reply. A connection is paused while one of its requests is queued, so that replies go out in
 request order (spec §5.2).
 
+With ``loop = "c"`` (the default) the pool only accepts, ticks and expires queued requests;
+the established connections belong to the compiled loop (``cloop``), which hands Python each
+wake-up's frames at once and runs quick models inline on the one loop thread in Python.
+
 Measured alternatives (docs/benchmarks.md, bench/results/): a thread per connection fell to
 half of uvicorn's throughput at 16 PHP workers (GIL fights); one I/O thread handing every
 request to a worker, or a leader that passes the I/O role on before computing, cost an
