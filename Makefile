@@ -82,10 +82,12 @@ soak: setup
 	cd python && TB_RELOADS=$${TB_RELOADS:-200} TB_RELOAD_CALLERS=$${TB_RELOAD_CALLERS:-32} \
 	  $(PYTHON) -m pytest -q -s tests/test_lifecycle.py tests/test_routing.py
 
-# 200,000 fuzzed frames and 5,000 hypothesis examples (TB_FUZZ_SEED=N replays a run).
+# 200,000 fuzzed frames and 5,000 hypothesis examples, and the compiled loop built with ASan and
+# UBSan under 40,000 of them (TB_FUZZ_SEED=N replays a run).
 fuzz: setup ext
 	cd python && TB_FUZZ_FRAMES=$${TB_FUZZ_FRAMES:-200000} \
-	  TB_FUZZ_EXAMPLES=$${TB_FUZZ_EXAMPLES:-5000} $(PYTHON) -m pytest -q -s tests/test_fuzz.py
+	  TB_FUZZ_EXAMPLES=$${TB_FUZZ_EXAMPLES:-5000} $(PYTHON) -m pytest -q -s tests/test_fuzz.py \
+	  tests/test_fuzz_loop.py
 
 # The full side-by-side run: several minutes; writes bench/results/, docs/benchmarks.md, plots.
 bench: setup ext
