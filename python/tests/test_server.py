@@ -38,14 +38,16 @@ class _Pointer(torch.nn.Module):
         return x * 2
 
 
-@pytest.fixture
-def inproc(tmp_path):
-    """A Server running in this process, so tests can look at its connections."""
+@pytest.fixture(params=["c", "python"])
+def inproc(tmp_path, request):
+    """A Server running in this process, so tests can look at its connections; each test runs
+    against the compiled loop and the Python one."""
     models = [tb.load_model(tb.ModelConfig("pointer", f"{__name__}:_Pointer", warmup=0)),
               tb.load_model(tb.ModelConfig("echo", "tensorbridge.models.testing:echo")),
               tb.load_model(tb.ModelConfig("sleep", "tensorbridge.models.testing:sleep",
                                            max_queue=1))]
-    config = tb.ServerConfig(socket=str(tmp_path / "in.sock"), region_cap=64 << 20)
+    config = tb.ServerConfig(socket=str(tmp_path / "in.sock"), region_cap=64 << 20,
+                             loop=request.param)
     server = tb.Server(config, models)
     server.start()
     yield server
