@@ -83,7 +83,9 @@ class Services:
         """Start a server with its output in <tmp>/<name>.log; wait for ``ready`` there."""
         logfile = self.tmp / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(  # for `vision` (S4's models)
-            filter(None, [str(BENCH), os.environ.get("PYTHONPATH")]))}
+            filter(None, [str(BENCH), os.environ.get("PYTHONPATH")])),
+            # what `import tensorbridge` sets for its server, given to every peer alike
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         with logfile.open("w") as out:
             proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, text=True,
                                     env=env)

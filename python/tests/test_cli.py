@@ -65,3 +65,13 @@ def test_low_open_file_limit_is_raised_or_warned(tmp_path: Path) -> None:
     assert proc.returncode == ExitCode.OK, text
     assert "the open-file limit (256) is too low for max_connections = 4096" in text, text
     assert "connections past about 96 get OVERLOADED" in text, text
+
+
+def test_import_makes_torch_threads_wait_passively_unless_told() -> None:
+    """The server shares cores with PHP workers: idle torch threads must not spin."""
+    code = "import os, tensorbridge; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = [subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                          check=True).stdout.strip()
+           for e in (env, {**env, "OMP_WAIT_POLICY": "ACTIVE"})]
+    assert out == ["PASSIVE", "ACTIVE"]
