@@ -8,7 +8,8 @@ use TensorBridge\ErrorCode;
 
 /**
  * Thrown when the server dropped a request because its deadline passed before the model ran
- * (DEADLINE_EXCEEDED): it was not computed, so retrying cannot run it twice.
+ * (DEADLINE_EXCEEDED): it was not computed, so retrying cannot run it twice. A remote model
+ * (one the server forwards to an OIP cluster) is the exception: the remote may have computed it.
  */
 final class DeadlineExceededException extends TimeoutException
 {

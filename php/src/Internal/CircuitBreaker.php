@@ -162,7 +162,8 @@ final class CircuitBreaker
             );
         return new CircuitOpenException(sprintf(
             'circuit open for %s after %d consecutive connection failures or timeouts (last: %s); %s.'
-            . ' Check that `tensorbridge serve` is running and answering.',
+            . ' Check that the server at that address (`tensorbridge serve`, or the OIP server at'
+            . ' a URL) is running and answering.',
             $this->socketPath,
             $state['failures'],
             $state['reason'] !== '' ? rtrim($state['reason'], '.') : 'unknown',

@@ -51,8 +51,9 @@ final class ErrorMapper
             ErrorCode::PAYLOAD_TOO_LARGE => new PayloadTooLargeException('payload too large: ' . $msg, $code),
             ErrorCode::DEADLINE_EXCEEDED => new DeadlineExceededException(
                 sprintf(
-                    'the server dropped the request unrun (DEADLINE_EXCEEDED): its deadline (%.3f s) passed'
-                    . ' before the model ran: %s. Raise the timeout or check the server load.',
+                    'the server gave up on the request (DEADLINE_EXCEEDED): its deadline (%.3f s) passed'
+                    . ' before the model (or the remote server a remote model forwards to) answered: %s.'
+                    . ' Raise the timeout or check the server load.',
                     $timeout,
                     $msg,
                 ),

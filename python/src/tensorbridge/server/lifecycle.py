@@ -127,7 +127,7 @@ class Server:
         self.registry.load_all()
         # What exists now (torch, the startup models) lives as long as the server: a full
         # collection need not scan it. Without this, the collection that frees an unloaded
-        # version walks ~170k objects holding the GIL: 190 ms of stalled requests (S9).
+        # version walks ~170k objects holding the GIL: 190 ms of stalled requests (S10).
         gc.freeze()
 
     def start(self) -> None:
