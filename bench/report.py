@@ -277,8 +277,8 @@ def headline(res: dict[str, Any]) -> str:
         lines += ["", f"With 16 PHP processes calling a no-op model at once: TensorBridge "
                   f"{rate('tb_tiny', 16):.0f} req/s, HTTP+JSON on uvicorn "
                   f"{rate('http_json_tiny', 16):.0f} req/s."]
-    lines += ["", "Goals of the fast request path (ratios within this one run; the machine is "
-              "shared with other jobs):", "", "| goal | measured | target | result |",
+    lines += ["", "Goals (ratios within this one run; the server and the PHP callers share the "
+              "machine's cores):", "", "| goal | measured | target | result |",
               "|---|---:|---:|---|"]
     for g in res.get("goals", []):
         if g["met"] is None:
