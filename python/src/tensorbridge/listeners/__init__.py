@@ -123,8 +123,11 @@ class Listeners:
                      " (TLS)" if credentials else "")
 
     def pending(self) -> int:
-        """Listener requests received and not answered yet."""
-        return 0 if self.service is None else int(self.service.gateway.pending)
+        """Listener requests received and not answered yet (REST: until the reply is sent)."""
+        if self.service is None:
+            return 0
+        sending = self.http.answering if self.http is not None else 0
+        return max(int(self.service.gateway.pending), int(sending))
 
     def close(self) -> None:
         """Stop accepting (drain: in-flight requests still get their answers)."""

@@ -71,6 +71,8 @@ class HttpListener:
         self.port: int = self.sock.getsockname()[1]
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        #: Requests read and not yet answered on the wire (the server's drain waits for them).
+        self.answering = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._accept, name="tb-http-accept", daemon=True)
 
@@ -181,6 +183,18 @@ class HttpListener:
             return False
         if body is None:
             return False
+        # Counted until the reply is sent: the gateway's count drops when the answer is
+        # computed, and a drain that stopped there would cut the connection before the send.
+        with self._lock:
+            self.answering += 1
+        try:
+            return self._answer(sock, method, target, headers, body, keep)
+        finally:
+            with self._lock:
+                self.answering -= 1
+
+    def _answer(self, sock: socket.socket, method: str, target: str, headers: dict[str, str],
+                body: memoryview, keep: bool) -> bool:
         try:
             reply = self._route(method, target, headers, body)
         except HttpError as exc:
