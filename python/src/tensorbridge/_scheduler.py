@@ -36,6 +36,12 @@ QUEUE_DEPTH_THRESHOLD = 50
 QUICK_CALL_S = 0.002
 
 
+def _earliest(jobs: list[Request]) -> float | None:
+    """The earliest deadline of ``jobs`` (None: none has one)."""
+    deadlines = [j.deadline for j in jobs if j.deadline is not None]
+    return min(deadlines) if deadlines else None
+
+
 def batch_key(inputs: dict[str, Any], pad: Mapping[str, int] | None = None
               ) -> tuple[int | None, tuple[Any, ...] | None]:
     """(rows, key) of a job's inputs, or (None, None) when they cannot be stacked.
@@ -139,9 +145,11 @@ class ModelQueue:
             self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                               name=f"tb-watchdog-{model.name}")
             self._watchdog.start()
-        # A backend that can be unavailable (the remote one) says when it flips.
+        # A backend that forwards calls elsewhere (the remote one) can be unavailable and says
+        # when that flips, takes the calls' deadline, and has connections to close at stop.
         watch = getattr(model.module, "watch_availability", None)
-        if callable(watch):
+        self._forwards = callable(watch)
+        if watch is not None and self._forwards:
             watch(self._report_instances)
         self._report_instances()
 
@@ -231,7 +239,7 @@ class ModelQueue:
                 inst.thread.join(timeout=5)
         # A backend with connections and a poller of its own (the remote one) closes them:
         # a version loaded at start is never garbage-collected (gc.freeze).
-        if callable(getattr(self.model.module, "watch_availability", None)):
+        if self._forwards:
             self.model.module.close()
 
     # -- instances -------------------------------------------------------------------------
@@ -337,8 +345,7 @@ class ModelQueue:
             return
         inst.jobs = live
         rows = sum(j.rows or 0 for j in live) if len(live) > 1 else (live[0].rows or 1)
-        deadlines = [j.deadline for j in live if j.deadline is not None]
-        token = call_deadline.set(min(deadlines) if deadlines else None)
+        token = call_deadline.set(_earliest(live)) if self._forwards else None
         try:
             if len(live) == 1:
                 outputs = self.model.forward(live[0].inputs)
@@ -366,7 +373,8 @@ class ModelQueue:
                 job.finish(error, rows)
             return
         finally:
-            call_deadline.reset(token)
+            if token is not None:
+                call_deadline.reset(token)
         took = time.monotonic() - started
         self.call_s = took if self.call_s == float("inf") else self.call_s + (took - self.call_s) / 8
         self._record(rows)
