@@ -95,22 +95,26 @@ $computeUs = [];
 if (isset($job['sockets'])) {   // S7's two-process variant: each PHP process picks one server
     $job['socket'] = $job['sockets'][getmypid() % count($job['sockets'])];
 }
-$client = isset($job['socket'])
-    ? new Client($job['socket'], timeout: 30.0, spinMicros: str_ends_with($mode, '_spin') ? 50 : 0)
-    : null;
+// the client's default (auto spin-then-block); "_spin": always poll 50 µs; "_nospin": never poll
+$spin = match (true) {
+    str_ends_with($mode, '_nospin') => 0,
+    str_ends_with($mode, '_spin') => 50,
+    default => null,
+};
+$client = isset($job['socket']) ? new Client($job['socket'], timeout: 30.0, spinMicros: $spin) : null;
 $floor = isset($job['floor']) ? floorConnect($job['floor']) : null;
 $ctype = ['Content-Type: application/json'];
 
 $call = match ($mode) {
     // S1: tiny tensor, no-op model
-    'tb_tiny', 'tb_tiny_spin' => fn () => $client->infer('echo', ['x' => Tensor::fromBytes($tiny, 'float32', [4])])['x']->bytes(),
+    'tb_tiny', 'tb_tiny_spin', 'tb_tiny_nospin' => fn () => $client->infer('echo', ['x' => Tensor::fromBytes($tiny, 'float32', [4])])['x']->bytes(),
     'http_json_tiny' => fn () => json_decode(curlPost($ch, "$url/json/echo", kserveJson([1.0, 2.0, 3.0, 4.0], [4]), $ctype), true),
     'http_orjson_tiny' => fn () => json_decode(curlPost($ch, "$url/orjson/echo", kserveJson([1.0, 2.0, 3.0, 4.0], [4]), $ctype), true),
     'http_binary_tiny' => fn () => curlPost($ch, "$url/binary/echo", $tiny, ['Content-Type: application/octet-stream', 'X-Shape: 4']),
     'floor_uds' => fn () => floorTrip($floor, ''),
     'floor_shm_tiny' => fn () => floorTrip($floor, $tiny),
     // S2: 602,112 bytes in from a PHP binary string, 4 KB out
-    'tb_large' => fn () => $client->infer('head', ['input' => Tensor::fromBytes($bytes, 'float32', [1, 3, 224, 224])])['output']->bytes(),
+    'tb_large', 'tb_large_spin', 'tb_large_nospin' => fn () => $client->infer('head', ['input' => Tensor::fromBytes($bytes, 'float32', [1, 3, 224, 224])])['output']->bytes(),
     'http_binary_large' => fn () => curlPost($ch, "$url/binary/head", $bytes, ['Content-Type: application/octet-stream', 'X-Shape: 1,3,224,224']),
     'http_json_large' => fn () => json_decode(curlPost($ch, "$url/json/head", kserveJson($floats, [1, 3, 224, 224]), $ctype), true),
     'http_orjson_large' => fn () => json_decode(curlPost($ch, "$url/orjson/head", kserveJson($floats, [1, 3, 224, 224]), $ctype), true),

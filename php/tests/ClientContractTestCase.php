@@ -26,6 +26,29 @@ abstract class ClientContractTestCase extends TestCase
      */
     abstract protected function client(): Client;
 
+    /**
+     * Clients for each way this transport can wait for replies (see Client's spinMicros), by label.
+     *
+     * @return array<string, Client>
+     */
+    protected function clientsForEachWait(): array
+    {
+        return ['default' => $this->client()];
+    }
+
+    public function testCallsInARowEachGetTheirOwnAnswer(): void
+    {
+        foreach ($this->clientsForEachWait() as $label => $client) {
+            for ($i = 0; $i < 150; $i++) {
+                // now and then a larger tensor: a slower reply (auto spin then sleeps instead)
+                $row = $i % 25 === 0 ? array_fill(0, 50000, $i + 0.5) : [$i + 0.5, -$i - 0.25];
+                $out = $client->infer('echo', ['x' => Tensor::fromArray($row, 'float32'), 'n' => [$i]]);
+                self::assertSame([$i], $out['n']->toArray(), "$label, call $i");
+                self::assertSame($row, $out['x']->toArray(), "$label, call $i");
+            }
+        }
+    }
+
     public function testEchoReturnsTensorsUnchanged(): void
     {
         $out = $this->client()->infer('echo', [

@@ -38,15 +38,21 @@ final class LocalTransportContractTest extends ClientContractTestCase
         TempDir::remove($this->stateDir);
     }
 
-    protected function client(): Client
+    protected function client(?int $spinMicros = null): Client
     {
         $client = new Client(
             (string) getenv('TENSORBRIDGE_CONTRACT_SOCKET'),
             timeout: 5.0,
             persistent: false,
+            spinMicros: $spinMicros,
             breakerStateDir: $this->stateDir,
         );
         $this->clients[] = $client;
         return $client;
+    }
+
+    protected function clientsForEachWait(): array
+    {
+        return ['auto' => $this->client(), 'never spin' => $this->client(0), 'spin 50 µs' => $this->client(50)];
     }
 }

@@ -24,6 +24,8 @@ final class Connection
     private string $pending = '';
     /** true when the last send() found the peer gone before a byte went out */
     private bool $refusedUnsent = false;
+    /** how the last readFrame() spun: true = data came while spinning, false = it slept after; null = no spin */
+    private ?bool $spinHit = null;
     /** @var array<string, true> paths whose persistent stream a live Connection of this process holds */
     private static array $persistentInUse = [];
 
@@ -232,6 +234,7 @@ final class Connection
      */
     public function readFrame(int $deadline, int $spinMicros = 0, bool $readAhead = false): array
     {
+        $this->spinHit = null;
         $raw = $this->readExact(Spec::HEADER_SIZE, $deadline, $spinMicros, false, $readAhead);
         try {
             $header = Wire::decodeHeader($raw);
@@ -241,6 +244,15 @@ final class Connection
         }
         $body = $header->bodyLen === 0 ? '' : $this->readExact($header->bodyLen, $deadline, 0, true, $readAhead);
         return [$header, $body];
+    }
+
+    /**
+     * How the last readFrame() waited: true = its frame came while spinning, false = the spin
+     * ran out and it slept; null = it did not spin (no spin asked, or the frame was already read).
+     */
+    public function spinHit(): ?bool
+    {
+        return $this->spinHit;
     }
 
     /**
@@ -357,8 +369,11 @@ final class Connection
                 if ($err !== SOCKET_EAGAIN && $err !== SOCKET_EINTR) {
                     throw $this->ioError($err);
                 }
-                if ($spinUntil > 0 && hrtime(true) < $spinUntil && $buf === '') {
-                    continue;
+                if ($spinUntil > 0 && $buf === '') {
+                    if (hrtime(true) < $spinUntil) {
+                        continue;
+                    }
+                    $this->spinHit = false;
                 }
                 if (!$this->wait(true, $deadline)) {
                     if ($midFrame || $buf !== '') {
@@ -374,6 +389,7 @@ final class Connection
             if ($n === 0) {
                 throw $this->ioError(0);
             }
+            $this->spinHit ??= $spinUntil > 0 ? true : null;
             $buf .= $chunk;
             if (strlen($buf) >= $len) {
                 if (strlen($buf) === $len) {

@@ -182,6 +182,7 @@ final class Pipeline
             $frames .= Wire::encodeFrame(FrameType::INFER, $plan->id, $body, $session->checksums);
         }
         $conn = $session->connection($deadline);
+        $spin = $session->spin->spinMicros($model);
         try {
             $conn->send($frames, $deadline->at);
         } catch (TimeoutException $e) {
@@ -203,7 +204,10 @@ final class Pipeline
         $answers = [];
         foreach ($plans as $k => $plan) {
             try {
-                $reply = $session->awaitReply($plan->id, $deadline, $model);
+                $reply = $session->awaitReply($plan->id, $deadline, $model, $spin);
+                if ($k === 0) {
+                    $session->spin->record($model, $conn->spinHit());
+                }
                 if (!$reply instanceof InferResponse) {
                     throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
                 }

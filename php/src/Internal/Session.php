@@ -41,7 +41,7 @@ final class Session
         public readonly string $socketPath,
         private readonly bool $persistent,
         public readonly bool $checksums,
-        private readonly int $spinMicros,
+        public readonly SpinPolicy $spin,
         private readonly int $connectAttempts,
         private readonly float $connectBackoff,
     ) {
@@ -156,7 +156,7 @@ final class Session
             try {
                 $frame = Wire::encodeFrame($type, $id, Wire::encodeBody($type, $message), $this->checksums);
                 $conn->send($frame, $deadline->at);
-                $reply = $this->awaitReply($id, $deadline, '');
+                $reply = $this->awaitReply($id, $deadline, '', $this->spin->controlSpinMicros());
                 $this->untested = false;
                 return $reply;
             } catch (ConnectionException $e) {
@@ -182,11 +182,12 @@ final class Session
 
     /**
      * Reads frames until the reply to $id; returns its decoded body (ERROR replies are thrown).
+     * $spinMicros: poll this long for the first frame before sleeping (SpinPolicy).
      */
-    public function awaitReply(int $id, Deadline $deadline, string $model): mixed
+    public function awaitReply(int $id, Deadline $deadline, string $model, int $spinMicros = 0): mixed
     {
         while (true) {
-            $frame = $this->nextFrame($deadline);
+            $frame = $this->nextFrame($deadline, $spinMicros);
             if ($frame === null) {
                 continue;
             }
@@ -264,11 +265,11 @@ final class Session
      *
      * @return array{0: FrameHeader, 1: string}|null
      */
-    private function nextFrame(Deadline $deadline): ?array
+    private function nextFrame(Deadline $deadline, int $spinMicros = 0): ?array
     {
         // read ahead only while no ATTACH_OK (and the descriptor after it) can be on the way
         $readAhead = $this->synced && !$this->attaching;
-        [$header, $body] = $this->connection($deadline)->readFrame($deadline->at, $this->spinMicros, $readAhead);
+        [$header, $body] = $this->connection($deadline)->readFrame($deadline->at, $spinMicros, $readAhead);
         $rid = $header->requestId;
         if (isset($this->abandoned[$rid])) {
             unset($this->abandoned[$rid]);

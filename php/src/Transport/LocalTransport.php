@@ -11,6 +11,7 @@ use TensorBridge\Internal\FrameType;
 use TensorBridge\Internal\ModelIndex;
 use TensorBridge\Internal\Pipeline;
 use TensorBridge\Internal\Session;
+use TensorBridge\Internal\SpinPolicy;
 use TensorBridge\Internal\Target;
 
 /**
@@ -31,7 +32,8 @@ final class LocalTransport implements Transport
      * @param string $socketPath the server's Unix socket
      * @param bool $persistent reuse one connection per PHP worker process (PHP-FPM) across requests
      * @param bool $checksums CRC-32C on every frame and tensor (spec §9)
-     * @param int $spinMicros poll without sleeping for this long before blocking on a reply (spec §8)
+     * @param int|null $spinMicros poll this long for a reply before sleeping (spec §8); 0 = never;
+     *        null = auto (see Client::__construct())
      * @param int $connectAttempts connection set-up attempts per call while the server is not accepting
      * @param float $connectBackoff seconds before the second attempt, doubled for each further one
      */
@@ -39,13 +41,10 @@ final class LocalTransport implements Transport
         string $socketPath,
         bool $persistent = true,
         bool $checksums = false,
-        int $spinMicros = 0,
+        ?int $spinMicros = null,
         int $connectAttempts = 3,
         float $connectBackoff = 0.01,
     ) {
-        if ($spinMicros < 0) {
-            throw new \InvalidArgumentException('spinMicros must be >= 0');
-        }
         if ($connectAttempts < 1) {
             throw new \InvalidArgumentException('connectAttempts must be >= 1 (1 = no retry)');
         }
@@ -56,7 +55,7 @@ final class LocalTransport implements Transport
             $socketPath,
             $persistent,
             $checksums,
-            $spinMicros,
+            SpinPolicy::of($spinMicros),
             $connectAttempts,
             $connectBackoff,
         );
