@@ -401,3 +401,28 @@ def test_reload_of_a_model_given_with_model(make_server) -> None:
         assert [v["version"] for v in listed["versions"] if v["state"] == "ready"] == [1]
         assert torch.equal(client.infer("digits", x)["logits"], before)
         assert client.last_version == 1
+
+
+def test_one_connection_repeating_a_call_sees_every_switch(make_server, repo: Path) -> None:
+    """The compiled loop admits a connection's INFER the long way once and remembers how
+    (route, checks, views over the region) for the same call again: a new version, a
+    reload, an unload and a load still reach that connection's very next call, and the
+    remembered views read what the client wrote each time, also after the region grew."""
+    # Every version stays loaded: the one a remembered call resolved to is not freed.
+    write_config(repo, "linear", LINEAR_CONFIG + 'version_policy = "all"\n')
+    srv = make_server(ECHO, ["--repository", str(repo)])
+    with Client(srv.socket, timeout=5) as client:
+        assert [answer_of(client, x=float(i)) for i in range(2, 5)] == [("2x+1", 1)] * 3
+        write_version(repo, "linear", 2, *ANSWERS["3x"])
+        client.admin("load", "linear", timeout=60)  # version 1 stays loaded beside 2
+        assert [answer_of(client, x=float(i)) for i in range(2, 5)] == [("3x", 2)] * 3
+        client.admin("reload", "linear", timeout=60)
+        assert answer_of(client) == ("3x", 2)
+        client.admin("unload", "linear", timeout=60)
+        with pytest.raises(ModelNotFoundError, match="no ready version"):
+            answer_of(client)
+        client.admin("load", "linear", timeout=60)
+        assert answer_of(client) == ("3x", 2)
+        big = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB: the region grows
+        assert torch.equal(client.infer("echo", {"x": big})["x"], big)
+        assert [answer_of(client, x=float(i)) for i in range(2, 5)] == [("3x", 2)] * 3

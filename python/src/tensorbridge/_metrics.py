@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter as Counter_
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -153,6 +154,9 @@ class Metrics:
         # Counted on every request by two counters whose next() is atomic (no lock), read
         # when scraped.
         self._received, self._answered = itertools.count(), itertools.count()
+        #: ``in_flight(1)`` and ``in_flight(-1)`` as C calls (no Python frame: the hot path).
+        self.received: Callable[[], int] = partial(next, self._received)
+        self.answered_one: Callable[[], int] = partial(next, self._answered)
         in_flight.set_function(self._in_flight_now)
         self._connections = Gauge("tensorbridge_connections_open", "Open client connections",
                                   registry=r)
@@ -232,6 +236,16 @@ class Metrics:
         """How many of the model's instances are healthy now."""
         self._alive.labels(self._model(model)).set(n)
 
+    def answered(self, model: str, version: int, status: str, queue_s: float,
+                 preprocess_s: float, compute_s: float, total_s: float) -> None:
+        """``request_done`` and ``version_request`` of one INFER in one call (its hot path)."""
+        with self._pending_lock:
+            self._pending.append((model, status, queue_s, preprocess_s, compute_s, total_s))
+            self._versions.append((model, version, status))
+            full = len(self._pending) >= FLUSH_EVERY
+        if full:
+            self.flush()
+
     def request_done(self, model: str, status: str, *, queue_s: float, preprocess_s: float,
                      compute_s: float, total_s: float) -> None:
         """One INFER answered; ``status`` is ``ok`` or the error name in lower case."""
@@ -294,6 +308,12 @@ class Metrics:
 
     def in_flight(self, delta: int) -> None:
         """Requests received (+1) or answered (-1)."""
+        if delta == 1:
+            next(self._received)
+            return
+        if delta == -1:
+            next(self._answered)
+            return
         counter = self._received if delta > 0 else self._answered
         for _ in range(abs(delta)):
             next(counter)

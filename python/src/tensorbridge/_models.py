@@ -21,6 +21,8 @@ from ._signature import ANY, Signature
 from ._spec import BY_NAME, BY_TORCH
 from ._text import TextPipeline
 
+_InferenceMode = torch._C._InferenceMode
+
 log = logging.getLogger("tensorbridge")
 
 
@@ -145,6 +147,7 @@ class LoadedModel:
         self.pipeline: Pipeline | TextPipeline = pipeline or Pipeline()
         self.device = torch.device(config.device)
         self._forward_signature = signature
+        self._input_names, self._output_names = _names(signature)
         #: What clients send and get (checked on every request, reported by MODELS).
         self.signature = self.pipeline.client_signature(signature)
 
@@ -160,6 +163,7 @@ class LoadedModel:
     @forward_signature.setter
     def forward_signature(self, signature: Signature) -> None:
         self._forward_signature = signature
+        self._input_names, self._output_names = _names(signature)
         self.signature = self.pipeline.client_signature(signature)
 
     def preprocess(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -193,13 +197,13 @@ class LoadedModel:
         if self.device.type != "cpu":
             inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
                       else v for k, v in inputs.items()}
+        names = self._input_names
         try:
-            with torch.inference_mode():
-                if self._forward_signature.inputs is None:
+            with _InferenceMode(True):  # what torch.inference_mode() enters, without its wrapper
+                if names is None:
                     result = self.module(dict(inputs))
                 else:
-                    result = self.module(*(inputs[s.name]
-                                           for s in self._forward_signature.inputs))
+                    result = self.module(*[inputs[n] for n in names])
         except TensorBridgeError:  # a backend's typed error (the remote's): kept as it is
             raise
         except Exception as exc:  # the model's own failure, reported to the caller
@@ -211,7 +215,7 @@ class LoadedModel:
         return outputs
 
     def _name_outputs(self, result: Any) -> dict[str, Any]:
-        names = [s.name for s in self._forward_signature.outputs]
+        names = self._output_names
         if isinstance(result, Mapping):
             out = dict(result)
         elif isinstance(result, (tuple, list)) and not _is_bytes_list(result):
@@ -223,8 +227,11 @@ class LoadedModel:
             out = {names[0]: result}
         for key, value in out.items():
             if isinstance(value, torch.Tensor):
-                if value.device.type != "cpu":
-                    value = value.to("cpu")
+                if value.is_cpu:
+                    if not value.is_contiguous():
+                        out[key] = value.contiguous()
+                    continue
+                value = value.to("cpu")
                 if not value.is_contiguous():
                     value = value.contiguous()
                 out[key] = value
@@ -233,6 +240,12 @@ class LoadedModel:
                                  f"{type(value).__name__}; return tensors, or lists of bytes/str "
                                  "for BYTES outputs")
         return out
+
+
+def _names(signature: Signature) -> tuple[list[str] | None, list[str]]:
+    """The names ``forward`` passes inputs by (None: one dict) and names outputs by."""
+    return ([s.name for s in signature.inputs] if signature.inputs is not None else None,
+            [s.name for s in signature.outputs])
 
 
 def _is_bytes_list(value: Any) -> bool:

@@ -168,6 +168,9 @@ class Registry:
         self._lock = threading.Lock()  # guards _entries and every entry's copies
         self._entries: dict[str, _Entry] = {}
         self._poll_interval = poll_interval
+        #: Bumped whenever a model's route is replaced: what a connection remembers of an
+        #: earlier ``resolve`` (``fixed_choice``) holds only while this is unchanged.
+        self.generation = 0
         #: The queues of every copy not yet freed, rebuilt on each change: the pool threads
         #: read it on every wake-up (deadlines), so it is never built on that path.
         self.queues: tuple[ModelQueue, ...] = ()
@@ -214,6 +217,12 @@ class Registry:
                 return served
             # Freed between reading the route and taking the use: the route is new by now.
 
+    def fixed_choice(self, name: str, version: int | None, key: bytes | None) -> bool:
+        """Whether ``resolve(name, version, key)`` gives the same version every time until
+        ``generation`` changes (False for a random A/B split: it must pick per request)."""
+        entry = self._entries.get(name)
+        return entry is not None and (version is not None or key is not None or not entry.split)
+
     def names(self) -> list[str]:
         """Models with at least one ready version."""
         return sorted(n for n, e in self._entries.items() if e.route.by_version)
@@ -238,7 +247,12 @@ class Registry:
             entry.copies.append(copy)
         self._state(copy, READY)
         entry.route = Route({model.version: copy}, None)
+        self._routes_changed()
         self._queues_changed()
+
+    def _routes_changed(self) -> None:
+        with self._lock:  # two models may be switched at once: no increment may be lost
+            self.generation += 1
 
     def _queues_changed(self) -> None:
         with self._lock:
@@ -324,6 +338,7 @@ class Registry:
         with entry.op:
             entry.unloaded = True
             old, entry.route = entry.route, Route({}, None)
+            self._routes_changed()
             with self._lock:
                 entry.copies = [c for c in entry.copies if c.state != FAILED]
             for copy in old.by_version.values():
@@ -381,6 +396,7 @@ class Registry:
             fresh = self._load_copies(entry, todo)
             kept = {v: current[v] for v in wanted if v not in fresh and v in current}
             old, entry.route = entry.route, Route({**kept, **fresh}, entry.split)
+            self._routes_changed()
             entry.unloaded = False
             for version, copy in old.by_version.items():
                 if entry.route.by_version.get(version) is not copy:

@@ -134,7 +134,10 @@ class ModelQueue:
         self._on_batch = on_batch
         self._on_instances = on_instances
         self._jobs: deque[Request] = deque()
-        self._cv = threading.Condition()
+        # The condition's own lock, taken directly where nothing waits on the condition:
+        # ``with`` on a Condition is a Python-level call, on a lock a C one (the hot path).
+        self._mutex = threading.Lock()
+        self._cv = threading.Condition(self._mutex)
         self._stopping = False
         self._instances: list[_Instance] = []
         self._next_index = 0
@@ -169,7 +172,7 @@ class ModelQueue:
     def try_claim(self) -> _Instance | None:
         """Take an idle instance for running a job inline, or None when the job must queue
         (the model is busy, others wait, or batching wants to wait for company)."""
-        with self._cv:
+        with self._mutex:
             # With a watchdog, calls run on instance threads only: a stuck inline call would
             # hold a pool thread and its connection, which the watchdog cannot give back.
             if self._jobs or self.delay > 0 or self.watchdog_timeout > 0:
@@ -190,7 +193,7 @@ class ModelQueue:
     def run_claimed(self, inst: _Instance, job: Request) -> None:
         """Run a job in this thread on the instance taken by ``try_claim``, then free it."""
         try:
-            self._run(inst, [job])
+            self._run_one(inst, job)
         except Exception as exc:  # a server bug: answer, so the connection is not left pending
             log.exception("model %r: internal error running a request", self.model.name)
             job.finish(InternalError(f"internal server error: {exc!r}"), 0)
@@ -257,7 +260,7 @@ class ModelQueue:
             self._on_instances(self.model.name, self.healthy_instances())
 
     def _release(self, inst: _Instance) -> None:
-        with self._cv:
+        with self._mutex:
             inst.busy_since = None
             inst.jobs = []
             if self._jobs:
@@ -333,6 +336,9 @@ class ModelQueue:
     # -- running ---------------------------------------------------------------------------
 
     def _run(self, inst: _Instance, jobs: list[Request]) -> None:
+        if len(jobs) == 1:
+            self._run_one(inst, jobs[0])
+            return
         started = time.monotonic()
         live = []
         for job in jobs:
@@ -343,43 +349,71 @@ class ModelQueue:
                 live.append(job)
         if not live:
             return
+        if len(live) == 1:
+            self._run_one(inst, live[0], started)
+            return
         inst.jobs = live
-        rows = sum(j.rows or 0 for j in live) if len(live) > 1 else (live[0].rows or 1)
+        rows = sum(j.rows or 0 for j in live)
+        parts = self._call(live)
+        if isinstance(parts, TensorBridgeError):
+            if inst.healthy and isinstance(parts, ModelError):
+                # One request may have caused it: run each alone so only its caller fails.
+                for job in live:
+                    self._run_one(inst, job)
+                return
+            for job in live:
+                job.finish(parts, rows)
+            return
+        self._called(started, rows)
+        for job, part in zip(live, parts, strict=True):
+            job.finish(part, rows)
+
+    def _run_one(self, inst: _Instance, job: Request, started: float = 0.0) -> None:
+        """``_run`` of one job (the common case, kept short: it is the inline path)."""
+        if not started:
+            started = time.monotonic()
+            job.started = started
+            if job.deadline is not None and started >= job.deadline:
+                job.finish(deadline_error(job), 0)
+                return
+        inst.jobs = [job]
+        rows = job.rows or 1
+        parts = self._call(inst.jobs)
+        if isinstance(parts, TensorBridgeError):
+            job.finish(parts, rows)
+            return
+        self._called(started, rows)
+        job.finish(parts[0], rows)
+
+    def _call(self, live: list[Request]) -> list[dict[str, Any]] | TensorBridgeError:
+        """One model call for ``live`` (stacked when several): each job's outputs, or the
+        error to answer them all with.
+
+        The error is a fresh one without the traceback: the model's frames hold views into
+        the clients' regions, which must not outlive the request (a cycle would keep them).
+        Not only ModelError: moving outputs off a device, stacking or splitting can raise
+        too, and every job must still be answered. A backend's typed error (the remote's
+        OVERLOADED or DEADLINE_EXCEEDED) keeps its type."""
         token = call_deadline.set(_earliest(live)) if self._forwards else None
         try:
             if len(live) == 1:
-                outputs = self.model.forward(live[0].inputs)
-                parts: list[dict[str, Any]] = [outputs]
-            else:
-                stacked = stack([j.inputs for j in live], self.model.pipeline.pad)
-                outputs = self.model.forward(stacked)
-                parts = self._split(outputs, [j.rows or 0 for j in live])
+                return [self.model.forward(live[0].inputs)]
+            stacked = stack([j.inputs for j in live], self.model.pipeline.pad)
+            return self._split(self.model.forward(stacked), [j.rows or 0 for j in live])
         except Exception as exc:
-            # A fresh error without the traceback: the model's frames hold views into the
-            # clients' regions, which must not outlive the request (a cycle would keep them).
-            # Not only ModelError: moving outputs off a device, stacking or splitting can
-            # raise too, and every job must still be answered.
-            # A backend's typed error (the remote's OVERLOADED or DEADLINE_EXCEEDED) keeps
-            # its type.
             error = (type(exc)(str(exc)) if isinstance(exc, TensorBridgeError) else
                      ModelError(f"model {self.model.name!r}: {type(exc).__name__}: {exc}"))
             del exc
-            if len(live) > 1 and inst.healthy and isinstance(error, ModelError):
-                # One request may have caused it: run each alone so only its caller fails.
-                for job in live:
-                    self._run(inst, [job])
-                return
-            for job in live:
-                job.finish(error, rows)
-            return
+            return error
         finally:
             if token is not None:
                 call_deadline.reset(token)
+
+    def _called(self, started: float, rows: int) -> None:
         took = time.monotonic() - started
         self.call_s = took if self.call_s == float("inf") else self.call_s + (took - self.call_s) / 8
-        self._record(rows)
-        for job, part in zip(live, parts, strict=True):
-            job.finish(part, rows)
+        if self.batching:
+            self._record(rows)
 
     def _split(self, outputs: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:
         total = sum(rows)

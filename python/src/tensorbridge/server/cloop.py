@@ -39,12 +39,24 @@ from . import infer
 from .connection import Peer
 
 if TYPE_CHECKING:
+    from .._registry import ServedVersion
     from .._spec import DType
     from .lifecycle import Server
 
 log = logging.getLogger("tensorbridge")
 _FAST, _FRAME, _BAD, _CLOSED = 0, 1, 2, 3
-_BF16 = BY_TORCH[torch.bfloat16]
+#: Protocol dtype codes of the tensors C places itself (bfloat16 has no buffer protocol).
+_CODES = {t: d.code for t, d in BY_TORCH.items() if t is not torch.bfloat16}
+from_numpy = torch.from_numpy
+#: What a connection remembers of an admitted fast INFER, by the record's tail (timeout,
+#: model, version, key, output area, input descriptors): (the registry's generation, the
+#: version it resolved to, the frame, (input name, array over the region) pairs, batch rows,
+#: batch key). The same tail resolves, checks and views the same way until the generation
+#: changes (a route switched) or the region does.
+_Plan = tuple[int, "ServedVersion", InferRequest, tuple[tuple[str, Any], ...], "int | None",
+              "tuple[Any, ...] | None"]
+#: Plans kept per connection (a client's tensors keep their offsets and shapes: a few).
+_MAX_PLANS = 32
 
 
 def available() -> bool:
@@ -73,6 +85,8 @@ class LoopConnection(Peer):
         # INFERs submitted and answered (their difference is what drain and PONG count):
         # next() on a count is atomic, no lock on the request path.
         self._submitted, self._answered = itertools.count(), itertools.count()
+        #: Fast INFERs already admitted once (``CLoop._fast``); they view the region.
+        self.plans: dict[tuple[Any, ...], _Plan] = {}
         #: The loop's id of this connection (it owns the socket from here on).
         self.cid: int = self._loop.add(sock.detach())
 
@@ -110,7 +124,7 @@ class LoopConnection(Peer):
             self.emit(request.seq, infer.reply_frame(self, request))
         if request.served is not None:
             request.served.release()
-        self.server.metrics.in_flight(-1)
+        self.server.metrics.answered_one()
         next(self._answered)
 
     def _answer_fast(self, request: Request) -> bool:
@@ -122,13 +136,14 @@ class LoopConnection(Peer):
             return False
         outputs: list[tuple[str, int, Any]] = []
         for name, value in outcome.items():
-            dtype = BY_TORCH.get(value.dtype) if isinstance(value, torch.Tensor) else None
-            if dtype is None or dtype is _BF16:
+            code = _CODES.get(value.dtype) if isinstance(value, torch.Tensor) else None
+            if code is None:
                 return False
-            outputs.append((name, dtype.code, value.numpy()))
+            outputs.append((name, code, value.numpy()))
         done = time.monotonic()
+        arrived = request.arrived
         pre_s = request.preprocess_s
-        queue_s = max(0.0, request.started - request.arrived - pre_s)
+        queue_s = max(0.0, request.started - arrived - pre_s)
         compute_s = done - request.started
         frame = request.frame
         result = self._loop.reply_ok(self.cid, request.seq, request.request_id,
@@ -139,7 +154,12 @@ class LoopConnection(Peer):
             return False
         request.inputs.clear()  # views into the region must not outlive the request
         request.result = None
-        infer.record_ok(self, request, queue_s, pre_s, compute_s, done)
+        server = self.server
+        server.metrics.answered(model.name, model.version, "ok", queue_s, pre_s, compute_s,
+                                done - arrived)
+        slow = server.config.slow_ms
+        if slow and (done - arrived) * 1000 > slow:
+            infer.log_slow(request, queue_s, done)
         if result == 1:
             self.closed_by_loop()
         return True
@@ -159,11 +179,19 @@ class LoopConnection(Peer):
     def _submit(self, request: Request) -> None:
         next(self._submitted)  # before the queue sees it: a worker may answer at once
         server = self.server
-        server.metrics.in_flight(1)
+        server.metrics.received()
         if not server.dispatch(request):
             request.finish(infer.queue_full(request.model), 0)
         elif request.deadline is not None and request.result is None and not request.started:
             server.deadline_queued()  # the pool thread that expires queued requests
+
+    def _attach(self, rid: int, body: bytes, seq: int) -> None:
+        self.plans.clear()  # their arrays view the region, which may be replaced here
+        super()._attach(rid, body, seq)
+
+    def _release(self) -> None:
+        self.plans.clear()
+        super()._release()
 
     def _region_changed(self) -> None:
         region = self.region
@@ -236,11 +264,35 @@ class CLoop:
                                     InternalError(f"internal server error: {exc!r}"))
 
     def _fast(self, conn: LoopConnection, item: tuple[Any, ...]) -> None:
+        server = self.server
+        plan = conn.plans.get(item[5:])
+        if plan is not None and plan[0] == server.registry.generation and not server.draining:
+            generation, served, frame, arrays, rows, key = plan
+            # Freed only after its route was replaced, i.e. with the generation bumped; a
+            # use is still taken (and may fail) exactly as ``resolve`` takes it.
+            if served.acquire():
+                model = served.model
+                assert model is not None
+                arrived = item[4]
+                timeout_us = frame.timeout_us
+                conn._submit(Request(
+                    frame, item[3], item[2], conn, model,
+                    {name: from_numpy(array) for name, array in arrays}, arrived,
+                    arrived + timeout_us / 1e6 if timeout_us else None, rows=rows, key=key,
+                    served=served))
+                return
+        self._admit(conn, item)
+
+    def _admit(self, conn: LoopConnection, item: tuple[Any, ...]) -> None:
+        """A fast INFER the long way (``infer.admit``); remembers what the next one like it
+        can skip."""
         (_, _, seq, rid, arrived, timeout_us, model, version, key, out_offset, out_capacity,
          descs) = item
         frame = InferRequest(timeout_us, model, out_offset, out_capacity, [], b"", version, key)
         region = conn.region
         assert region is not None  # C takes the fast path only with a region mapped
+        registry = self.server.registry
+        generation = registry.generation  # read first: a switch meanwhile voids the plan
 
         def inputs() -> tuple[dict[str, Any], dict[str, tuple[DType, tuple[int, ...]]]]:
             tensors: dict[str, Any] = {}
@@ -256,8 +308,16 @@ class CLoop:
         except TensorBridgeError as exc:
             conn.emit_error(seq, rid, exc)
             return
-        if request is not None:
-            conn._submit(request)
+        if request is None:
+            return
+        plan = _plan(generation, request, descs) if registry.fixed_choice(
+            model, version, key) else None
+        conn._submit(request)
+        if plan is not None and region is conn.region:
+            plans = conn.plans
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()  # a client whose offsets or shapes keep changing
+            plans[item[5:]] = plan
 
     def _frame(self, conn: LoopConnection, seq: int, head: bytes, body: bytes,
                arrived: float) -> None:
@@ -282,3 +342,18 @@ class CLoop:
         self.server.metrics.error("protocol_error")
         conn.hang_up(seq, encode_frame(FrameType.ERROR, 0, encode_error(
             ErrorCode.PROTOCOL_ERROR, message)))
+
+
+def _plan(generation: int, request: Request, descs: tuple[Any, ...]) -> _Plan | None:
+    """What the next INFER with the same record tail can skip, or None when it must take the
+    long way again (preprocessing, or an input that is empty or bfloat16: no array views it)."""
+    served = request.served
+    if served is None or request.model.pipeline.preprocess is not None:
+        return None
+    arrays = []
+    for name, _, _, _, count in descs:
+        tensor = request.inputs.get(name)
+        if not count or not isinstance(tensor, torch.Tensor) or tensor.dtype is torch.bfloat16:
+            return None
+        arrays.append((name, tensor.numpy()))
+    return (generation, served, request.frame, tuple(arrays), request.rows, request.key)

@@ -170,13 +170,19 @@ def record_ok(conn: Peer, request: Request, queue_s: float, pre_s: float, comput
     """Count an answered request in the metrics, and log it if slow."""
     model = request.model
     count(conn, model, "ok", queue_s, pre_s, compute_s, done - request.arrived)
-    total_ms = (done - request.arrived) * 1000
     slow = conn.server.config.slow_ms
-    if slow and total_ms > slow:
-        log.warning("slow request: model %r took %.1f ms (queued %.1f ms)", model.name,
-                    total_ms, queue_s * 1000,
-                    extra={"model": model.name, "rid": request.request_id,
-                           "total_ms": round(total_ms, 3), "queue_ms": round(queue_s * 1000, 3)})
+    if slow and (done - request.arrived) * 1000 > slow:
+        log_slow(request, queue_s, done)
+
+
+def log_slow(request: Request, queue_s: float, done: float) -> None:
+    """The warning of a request that took longer than ``slow_ms``."""
+    name = request.model.name
+    total_ms = (done - request.arrived) * 1000
+    log.warning("slow request: model %r took %.1f ms (queued %.1f ms)", name,
+                total_ms, queue_s * 1000,
+                extra={"model": name, "rid": request.request_id,
+                       "total_ms": round(total_ms, 3), "queue_ms": round(queue_s * 1000, 3)})
 
 
 def _error_frame(conn: Peer, request: Request, error: TensorBridgeError) -> bytes:
@@ -189,10 +195,8 @@ def _error_frame(conn: Peer, request: Request, error: TensorBridgeError) -> byte
 def count(conn: Peer, model: LoadedModel, status: str, queue_s: float, pre_s: float,
           compute_s: float, total_s: float) -> None:
     """Record one answered INFER in the metrics."""
-    metrics = conn.server.metrics
-    metrics.request_done(model.name, status, queue_s=queue_s, preprocess_s=pre_s,
-                         compute_s=compute_s, total_s=total_s)
-    metrics.version_request(model.name, model.version, status)
+    conn.server.metrics.answered(model.name, model.version, status, queue_s, pre_s, compute_s,
+                                 total_s)
 
 
 def _check_range(conn: Peer, what: str, offset: int, nbytes: int) -> None:
