@@ -23,18 +23,19 @@ enum DType: int
     case BF16 = 10;
     case BYTES = 11;
 
+    /** names and aliases (lower case) => type */
     private const ALIASES = [
-        'bool' => 'BOOL', 'boolean' => 'BOOL',
-        'uint8' => 'UINT8', 'u8' => 'UINT8',
-        'int8' => 'INT8', 'i8' => 'INT8',
-        'int16' => 'INT16', 'i16' => 'INT16', 'short' => 'INT16',
-        'int32' => 'INT32', 'i32' => 'INT32',
-        'int64' => 'INT64', 'i64' => 'INT64', 'int' => 'INT64', 'long' => 'INT64',
-        'fp16' => 'FP16', 'float16' => 'FP16', 'half' => 'FP16', 'f16' => 'FP16',
-        'fp32' => 'FP32', 'float32' => 'FP32', 'float' => 'FP32', 'f32' => 'FP32',
-        'fp64' => 'FP64', 'float64' => 'FP64', 'double' => 'FP64', 'f64' => 'FP64',
-        'bf16' => 'BF16', 'bfloat16' => 'BF16',
-        'bytes' => 'BYTES', 'string' => 'BYTES', 'str' => 'BYTES',
+        'bool' => self::BOOL, 'boolean' => self::BOOL,
+        'uint8' => self::UINT8, 'u8' => self::UINT8,
+        'int8' => self::INT8, 'i8' => self::INT8,
+        'int16' => self::INT16, 'i16' => self::INT16, 'short' => self::INT16,
+        'int32' => self::INT32, 'i32' => self::INT32,
+        'int64' => self::INT64, 'i64' => self::INT64, 'int' => self::INT64, 'long' => self::INT64,
+        'fp16' => self::FP16, 'float16' => self::FP16, 'half' => self::FP16, 'f16' => self::FP16,
+        'fp32' => self::FP32, 'float32' => self::FP32, 'float' => self::FP32, 'f32' => self::FP32,
+        'fp64' => self::FP64, 'float64' => self::FP64, 'double' => self::FP64, 'f64' => self::FP64,
+        'bf16' => self::BF16, 'bfloat16' => self::BF16,
+        'bytes' => self::BYTES, 'string' => self::BYTES, 'str' => self::BYTES,
     ];
 
     /**
@@ -66,16 +67,15 @@ enum DType: int
      */
     public static function fromName(string $name): self
     {
-        $key = strtolower(trim($name));
-        $canonical = self::ALIASES[$key] ?? null;
-        if ($canonical === null) {
+        $dtype = self::tryFromName($name);
+        if ($dtype === null) {
             throw new InvalidInputException(sprintf(
                 'unknown dtype "%s"; use one of BOOL, UINT8, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BF16, BYTES'
                 . ' (or an alias such as float32, int64, bfloat16)',
                 $name,
             ));
         }
-        return constant(self::class . '::' . $canonical);
+        return $dtype;
     }
 
     /**
@@ -83,8 +83,8 @@ enum DType: int
      */
     public static function tryFromName(string $name): ?self
     {
-        $canonical = self::ALIASES[strtolower(trim($name))] ?? null;
-        return $canonical === null ? null : constant(self::class . '::' . $canonical);
+        // names already in lower case ('float32') need no case folding
+        return self::ALIASES[$name] ?? self::ALIASES[strtolower(trim($name))] ?? null;
     }
 
     /**

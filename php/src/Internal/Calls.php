@@ -205,6 +205,9 @@ final class Calls
      */
     public function tensors(string $model, array $inputs, Deadline $deadline): array
     {
+        if (Inputs::allTensors($inputs)) {
+            return $inputs; // nothing to convert: no signature needed
+        }
         return Inputs::toTensors($model, $inputs, function (string $input) use ($model, $deadline): ?DType {
             if ($this->index === null) {
                 $this->fetchModels($deadline);

@@ -23,8 +23,8 @@ final class CircuitBreaker
     public const OPEN = 'open';
     public const HALF_OPEN = 'half-open';
 
-    /** @var \Closure(): float */
-    private readonly \Closure $clock;
+    /** @var (\Closure(): float)|null null: microtime(true) */
+    private readonly ?\Closure $clock;
     /**
      * Seconds after a call reached the server during which this breaker takes the circuit to be
      * closed without reading the stored state: a busy worker then stats the shared state file at
@@ -55,7 +55,7 @@ final class CircuitBreaker
         if (!($coolDown > 0.0) || is_infinite($coolDown)) {
             throw new \InvalidArgumentException('breakerCoolDown must be a positive number of seconds');
         }
-        $this->clock = $clock ?? static fn (): float => microtime(true);
+        $this->clock = $clock;
     }
 
     /**
@@ -66,7 +66,7 @@ final class CircuitBreaker
      */
     public function admit(float $probeFor): bool
     {
-        if ($this->threshold === 0 || ($this->trustedUntil > -INF && ($this->clock)() < $this->trustedUntil)) {
+        if ($this->threshold === 0 || ($this->trustedUntil > -INF && $this->now() < $this->trustedUntil)) {
             return false;
         }
         $state = $this->store->load();
@@ -74,7 +74,7 @@ final class CircuitBreaker
         if ($state === null || $state['open_until'] === null) {
             return false;
         }
-        $now = ($this->clock)();
+        $now = $this->now();
         $left = $state['open_until'] - $now;
         if ($left > $this->coolDown) {
             $left = $this->coolDown; // the clock went back: never wait longer than one cool-down
@@ -100,7 +100,7 @@ final class CircuitBreaker
             $this->store->clear();
             $this->dirty = false;
         }
-        $this->trustedUntil = ($this->clock)() + min(self::TRUST_AFTER_SUCCESS, $this->coolDown);
+        $this->trustedUntil = $this->now() + min(self::TRUST_AFTER_SUCCESS, $this->coolDown);
     }
 
     /**
@@ -116,7 +116,7 @@ final class CircuitBreaker
         $failures = $state['failures'] + 1;
         $openUntil = $state['open_until'];
         if ($probe || $failures >= $this->threshold) {
-            $openUntil = ($this->clock)() + $this->coolDown;
+            $openUntil = $this->now() + $this->coolDown;
         }
         $this->store->save(['failures' => $failures, 'open_until' => $openUntil, 'reason' => $reason]);
         $this->dirty = true;
@@ -145,7 +145,12 @@ final class CircuitBreaker
         if ($state === null || $state['open_until'] === null) {
             return self::CLOSED;
         }
-        return $state['open_until'] > ($this->clock)() ? self::OPEN : self::HALF_OPEN;
+        return $state['open_until'] > $this->now() ? self::OPEN : self::HALF_OPEN;
+    }
+
+    private function now(): float
+    {
+        return $this->clock === null ? microtime(true) : ($this->clock)();
     }
 
     /**

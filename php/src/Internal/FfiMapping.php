@@ -18,8 +18,13 @@ final class FfiMapping
     private const PROT_WRITE = 2;
     private const MAP_SHARED = 1;
 
+    /** pointers at offsets used so far (requests reuse the same few offsets) */
+    private const POINTERS_MAX = 64;
+
     private static ?\FFI $libc = null;
     private static bool $unavailable = false;
+    /** @var array<int, \FFI\CData> offset => pointer into the mapping */
+    private array $pointers = [];
 
     private function __construct(
         private readonly \FFI $ffi,
@@ -63,7 +68,7 @@ final class FfiMapping
      */
     public function write(int $offset, string $data): void
     {
-        \FFI::memcpy($this->base + $offset, $data, strlen($data));
+        \FFI::memcpy($this->pointers[$offset] ?? $this->pointer($offset), $data, strlen($data));
     }
 
     /**
@@ -71,7 +76,21 @@ final class FfiMapping
      */
     public function read(int $offset, int $len): string
     {
-        return \FFI::string($this->base + $offset, $len);
+        return \FFI::string($this->pointers[$offset] ?? $this->pointer($offset), $len);
+    }
+
+    /**
+     * A pointer $offset bytes into the mapping, kept for the next use of the same offset.
+     */
+    private function pointer(int $offset): \FFI\CData
+    {
+        if ($this->base === null) {
+            throw new \LogicException('the region is unmapped');
+        }
+        if (count($this->pointers) >= self::POINTERS_MAX) {
+            $this->pointers = [];
+        }
+        return $this->pointers[$offset] = $this->base + $offset;
     }
 
     /**
@@ -80,6 +99,7 @@ final class FfiMapping
     public function close(): void
     {
         if ($this->base !== null) {
+            $this->pointers = [];
             $this->ffi->munmap($this->base, $this->size);
             $this->base = null;
         }

@@ -57,6 +57,26 @@ final class Inputs
     }
 
     /**
+     * Whether the inputs are already tensors under non-empty string names (toTensors() would
+     * return them as they are).
+     *
+     * @param array<mixed> $inputs
+     * @phpstan-assert-if-true array<string, Tensor> $inputs
+     */
+    public static function allTensors(array $inputs): bool
+    {
+        if ($inputs === []) {
+            return false;
+        }
+        foreach ($inputs as $name => $value) {
+            if (!$value instanceof Tensor || !is_string($name) || $name === '') {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /**
      * Checks a pinned version and a routing key before anything is sent (spec §6.1).
      *
      * @throws InvalidInputException

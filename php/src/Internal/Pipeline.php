@@ -44,6 +44,16 @@ final class Pipeline
     {
         $model = $target->model;
         $single = count($requests) === 1;
+        if ($single) {
+            // one request: one round, nothing to split, order or mark as not sent
+            $key = array_key_first($requests);
+            try {
+                [$answers, $failure] = $this->pipeline($target, [$requests[$key]], $deadline, $index, true);
+            } catch (PayloadTooLargeException $e) {
+                return new Replies([$key => $e]); // nothing was sent: the item's own problem
+            }
+            return new Replies([$key => $answers[0] ?? self::unanswered($failure, $key, $model)], $failure);
+        }
         $items = [];
         $failure = null;
         try {

@@ -4,6 +4,7 @@ declare(strict_types=1);
 
 namespace TensorBridge\Internal;
 
+use TensorBridge\DType;
 use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\ProtocolException;
 use TensorBridge\Tensor;
@@ -20,6 +21,9 @@ final class RequestLayout
     private const UNKNOWN_OUTPUT_SINGLE = 262144;
     /** the same for each request of a pipeline (outputs that do not fit come back inline) */
     private const UNKNOWN_OUTPUT_PIPELINED = 65536;
+
+    /** @var (\Closure(DType, list<int>, string): Tensor)|null makes a Tensor of bytes already checked */
+    private static ?\Closure $wrap = null;
 
     /**
      * $n rounded up to the region alignment.
@@ -142,13 +146,34 @@ final class RequestLayout
             if ($checksums && Wire::crc32c($bytes) !== $d->crc32c) {
                 throw new ProtocolException(sprintf('checksum mismatch on output "%s"', $d->name));
             }
+            if ($d->dtype !== DType::BOOL && $d->dtype !== DType::BYTES) {
+                // the decoder checked nbytes against shape and dtype, and $bytes is nbytes long
+                $outputs[$d->name] = (self::$wrap ??= self::wrapper())($d->dtype, $d->shape, $bytes);
+                continue;
+            }
             try {
-                $outputs[$d->name] = Tensor::fromBytes($bytes, $d->dtype, $d->shape);
+                $outputs[$d->name] = Tensor::fromBytes($bytes, $d->dtype, $d->shape); // checks the contents too
             } catch (InvalidInputException $e) {
                 $message = sprintf('output "%s" is malformed: %s', $d->name, $e->getMessage());
                 throw new ProtocolException($message, null, $e);
             }
         }
         return $outputs;
+    }
+
+    /**
+     * A Tensor of bytes whose length the decoder checked against dtype and shape: the check
+     * Tensor::fromBytes() would repeat on every output of every reply.
+     *
+     * @return \Closure(DType, list<int>, string): Tensor
+     */
+    private static function wrapper(): \Closure
+    {
+        $wrap = \Closure::bind(
+            static fn (DType $dtype, array $shape, string $bytes): Tensor => new Tensor($dtype, $shape, $bytes),
+            null,
+            Tensor::class,
+        );
+        return $wrap ?? throw new \LogicException('cannot bind to Tensor');
     }
 }

@@ -4,7 +4,6 @@ declare(strict_types=1);
 
 namespace TensorBridge\Internal;
 
-use TensorBridge\DType;
 use TensorBridge\Exception\InvalidInputException;
 use TensorBridge\Exception\ProtocolException;
 
@@ -17,7 +16,6 @@ use TensorBridge\Exception\ProtocolException;
  */
 final class Wire
 {
-    private const DESCRIPTOR_SIZE = 32;
     /** INFER_OK fixed part: n_outputs, batch_size, queue_us, compute_us, preprocess_us, version (spec §6.2) */
     private const INFER_OK_FIXED = 20;
 
@@ -145,6 +143,7 @@ final class Wire
         AttachRequest|AttachOk|InferRequest|InferResponse|ErrorReply|string|null $message,
     ): string {
         return match (true) {
+            $type === FrameType::INFER && $message instanceof InferRequest => self::encodeInfer($message),
             $type === FrameType::ATTACH && $message instanceof AttachRequest
                 => pack('VVP', $message->options, 0, $message->minRegion),
             $type === FrameType::ATTACH_OK && $message instanceof AttachOk
@@ -152,7 +151,6 @@ final class Wire
             ($type === FrameType::PING || $type === FrameType::MODELS) && $message === null => '',
             in_array($type, [FrameType::PONG, FrameType::MODELS_OK, FrameType::ADMIN, FrameType::ADMIN_OK], true)
                 && is_string($message) => $message,
-            $type === FrameType::INFER && $message instanceof InferRequest => self::encodeInfer($message),
             $type === FrameType::INFER_OK && $message instanceof InferResponse => self::encodeInferOk($message),
             $type === FrameType::ERROR && $message instanceof ErrorReply
                 => pack('vvV', $message->code, 0, strlen($message->message)) . $message->message,
@@ -162,42 +160,6 @@ final class Wire
                 $type,
             )),
         };
-    }
-
-    /**
-     * Encodes one tensor descriptor (spec §6.3).
-     */
-    public static function encodeDescriptor(TensorDescriptor $d): string
-    {
-        $ndim = count($d->shape);
-        if ($ndim > Spec::MAX_DIMS) {
-            throw new InvalidInputException(sprintf(
-                'tensor "%s" has %d dimensions; the maximum is 8',
-                $d->name,
-                $ndim,
-            ));
-        }
-        $nameLen = strlen($d->name);
-        if ($nameLen < 1 || $nameLen > Spec::MAX_NAME) {
-            throw new InvalidInputException(sprintf(
-                'tensor name "%s" must be 1 to %d bytes long',
-                $d->name,
-                Spec::MAX_NAME,
-            ));
-        }
-        return pack(
-            'CCCCvvPPVV',
-            $d->dtype->value,
-            $ndim,
-            $d->location,
-            0,
-            $nameLen,
-            0,
-            $d->offset,
-            $d->nbytes,
-            $d->crc32c,
-            0,
-        ) . ($ndim > 0 ? pack('P*', ...$d->shape) : '') . $d->name;
     }
 
     private static function encodeInfer(InferRequest $r): string
@@ -234,7 +196,7 @@ final class Wire
         $out = pack('VvCCPP', $r->timeoutUs, $modelLen, $n, $options, $r->outOffset, $r->outCapacity)
             . $r->model . $optional;
         foreach ($r->inputs as $d) {
-            $out .= self::encodeDescriptor($d);
+            $out .= Descriptors::encode($d);
         }
         return $out . $r->inline;
     }
@@ -251,7 +213,7 @@ final class Wire
             $r->version,
         );
         foreach ($r->outputs as $d) {
-            $out .= self::encodeDescriptor($d);
+            $out .= Descriptors::encode($d);
         }
         return $out . $r->inline;
     }
@@ -350,9 +312,8 @@ final class Wire
             $routingKey = substr($body, $pos + 1, $keyLen);
             $pos += 1 + $keyLen;
         }
-        $inputs = self::decodeDescriptors($body, $pos, $b['n'], 'input');
+        $inputs = Descriptors::decode($body, $pos, $b['n'], 'input', $regionSize);
         $inline = substr($body, $pos);
-        self::checkDescriptors($inputs, $inline, $regionSize, 'input');
         return new InferRequest(
             $b['timeout'],
             $model,
@@ -376,9 +337,8 @@ final class Wire
         }
         $b = unpack('vn/vbatch/Vqueue/Vcompute/Vpre/Vversion', $body);
         $pos = self::INFER_OK_FIXED;
-        $outputs = self::decodeDescriptors($body, $pos, $b['n'], 'output');
-        $inline = substr($body, $pos);
-        self::checkDescriptors($outputs, $inline, $regionSize, 'output');
+        $outputs = Descriptors::decode($body, $pos, $b['n'], 'output', $regionSize);
+        $inline = $pos === strlen($body) ? '' : substr($body, $pos);
         return new InferResponse(
             $b['queue'],
             $b['compute'],
@@ -388,143 +348,6 @@ final class Wire
             $b['batch'],
             $b['version'],
         );
-    }
-
-    /**
-     * @return list<TensorDescriptor>
-     */
-    private static function decodeDescriptors(string $body, int &$pos, int $count, string $what): array
-    {
-        $len = strlen($body);
-        $out = [];
-        for ($i = 0; $i < $count; $i++) {
-            if ($len - $pos < self::DESCRIPTOR_SIZE) {
-                throw new ProtocolException(sprintf('body is truncated inside %s descriptor %d', $what, $i));
-            }
-            $d = unpack('Cdtype/Cndim/Cloc/Cres/vname_len/vres2/Poff/Pnbytes/Vcrc/Vres3', $body, $pos);
-            $dtype = DType::tryFrom($d['dtype']);
-            if ($dtype === null) {
-                throw new ProtocolException(sprintf(
-                    '%s descriptor %d has unknown dtype code %d',
-                    $what,
-                    $i,
-                    $d['dtype'],
-                ));
-            }
-            if ($d['ndim'] > Spec::MAX_DIMS) {
-                throw new ProtocolException(sprintf(
-                    '%s descriptor %d has %d dims (max %d)',
-                    $what,
-                    $i,
-                    $d['ndim'],
-                    Spec::MAX_DIMS,
-                ));
-            }
-            if ($d['loc'] !== Spec::LOCATION_REGION && $d['loc'] !== Spec::LOCATION_INLINE) {
-                throw new ProtocolException(sprintf('%s descriptor %d has unknown location %d', $what, $i, $d['loc']));
-            }
-            if ($d['res'] !== 0 || $d['res2'] !== 0 || $d['res3'] !== 0) {
-                throw new ProtocolException(sprintf('%s descriptor %d has non-zero reserved fields', $what, $i));
-            }
-            if ($d['name_len'] < 1 || $d['name_len'] > Spec::MAX_NAME) {
-                throw new ProtocolException(sprintf(
-                    '%s descriptor %d name_len %d is not in 1..%d',
-                    $what,
-                    $i,
-                    $d['name_len'],
-                    Spec::MAX_NAME,
-                ));
-            }
-            self::expectNonNegative("$what descriptor $i offset", $d['off']);
-            self::expectNonNegative("$what descriptor $i nbytes", $d['nbytes']);
-            $pos += self::DESCRIPTOR_SIZE;
-            $tail = 8 * $d['ndim'] + $d['name_len'];
-            if ($len - $pos < $tail) {
-                throw new ProtocolException(sprintf('body is truncated inside %s descriptor %d', $what, $i));
-            }
-            $shape = $d['ndim'] > 0 ? array_values(unpack('P' . $d['ndim'], $body, $pos)) : [];
-            foreach ($shape as $dim) {
-                self::expectNonNegative("$what descriptor $i dimension", $dim);
-            }
-            $pos += 8 * $d['ndim'];
-            $name = substr($body, $pos, $d['name_len']);
-            $pos += $d['name_len'];
-            self::expectUtf8("$what descriptor $i name", $name);
-            $out[] = new TensorDescriptor($name, $dtype, $shape, $d['loc'], $d['off'], $d['nbytes'], $d['crc']);
-        }
-        return $out;
-    }
-
-    /**
-     * @param list<TensorDescriptor> $descriptors
-     */
-    private static function checkDescriptors(array $descriptors, string $inline, ?int $regionSize, string $what): void
-    {
-        $seen = [];
-        foreach ($descriptors as $d) {
-            if (isset($seen[$d->name])) {
-                throw new ProtocolException(sprintf('two %ss are named "%s"', $what, $d->name));
-            }
-            $seen[$d->name] = true;
-            try {
-                $count = TensorCodec::elementCount($d->shape);
-            } catch (InvalidInputException $e) {
-                throw new ProtocolException(sprintf('%s "%s": %s', $what, $d->name, $e->getMessage()), null, $e);
-            }
-            $size = $d->dtype->itemSize();
-            if ($size > 0) {
-                if ($count > intdiv(PHP_INT_MAX, $size) || $count * $size !== $d->nbytes) {
-                    throw new ProtocolException(sprintf(
-                        '%s "%s": nbytes %d does not match shape %s of %s',
-                        $what,
-                        $d->name,
-                        $d->nbytes,
-                        json_encode($d->shape),
-                        $d->dtype->name,
-                    ));
-                }
-            } elseif ($count > intdiv(PHP_INT_MAX, 4) || $d->nbytes < 4 * $count) {
-                throw new ProtocolException(sprintf(
-                    '%s "%s": %d BYTES items cannot fit in %d bytes',
-                    $what,
-                    $d->name,
-                    $count,
-                    $d->nbytes,
-                ));
-            }
-            if ($d->location === Spec::LOCATION_INLINE) {
-                if ($d->offset > strlen($inline) || $d->nbytes > strlen($inline) - $d->offset) {
-                    throw new ProtocolException(sprintf(
-                        '%s "%s": inline bytes [%d, +%d) lie outside the %d bytes of inline data',
-                        $what,
-                        $d->name,
-                        $d->offset,
-                        $d->nbytes,
-                        strlen($inline),
-                    ));
-                }
-            } else {
-                if ($d->offset % Spec::ALIGN !== 0) {
-                    throw new ProtocolException(sprintf(
-                        '%s "%s": region offset %d is not a multiple of %d',
-                        $what,
-                        $d->name,
-                        $d->offset,
-                        Spec::ALIGN,
-                    ));
-                }
-                if ($regionSize !== null && ($d->offset > $regionSize || $d->nbytes > $regionSize - $d->offset)) {
-                    throw new ProtocolException(sprintf(
-                        '%s "%s": region bytes [%d, +%d) lie outside the %d-byte region',
-                        $what,
-                        $d->name,
-                        $d->offset,
-                        $d->nbytes,
-                        $regionSize,
-                    ));
-                }
-            }
-        }
     }
 
     private static function checkArea(string $what, int $offset, int $capacity, ?int $regionSize): void
@@ -559,7 +382,10 @@ final class Wire
         }
     }
 
-    private static function expectNonNegative(string $what, int $value): void
+    /**
+     * @throws ProtocolException when a u64 field read as negative (2^63 or more)
+     */
+    public static function expectNonNegative(string $what, int $value): void
     {
         // u64 values >= 2^63 unpack as negative PHP ints: no real size or offset is that large
         if ($value < 0) {
@@ -567,7 +393,10 @@ final class Wire
         }
     }
 
-    private static function expectUtf8(string $what, string $value): void
+    /**
+     * @throws ProtocolException when $value is not valid UTF-8
+     */
+    public static function expectUtf8(string $what, string $value): void
     {
         if (preg_match('//u', $value) !== 1) {
             throw new ProtocolException(sprintf('%s is not valid UTF-8', $what));

@@ -96,12 +96,11 @@ final class LocalTransport implements Transport
         ?int $version = null,
         ?string $routingKey = null,
     ): Replies {
-        $replies = $this->tidy(fn (): Replies => $this->pipeline->run(
-            new Target($model, $version, $routingKey),
-            $requests,
-            $deadline,
-            $this->index,
-        ));
+        try {
+            $replies = $this->pipeline->run(new Target($model, $version, $routingKey), $requests, $deadline, $this->index);
+        } catch (\Throwable $e) {
+            $this->tidyAfter($e); // inline rather than through tidy(): no closure per call
+        }
         if ($replies->failure instanceof ConnectionException || $replies->failure instanceof ProtocolException) {
             $this->session->drop();
         }
@@ -129,18 +128,25 @@ final class LocalTransport implements Transport
     {
         try {
             return $fn();
-        } catch (ConnectionException | ProtocolException $e) {
-            $this->session->drop();
-            throw $e;
-        } catch (TensorBridgeException $e) {
-            if ($this->session->isBroken()) {
-                $this->session->drop();
-            }
-            throw $e;
         } catch (\Throwable $e) {
-            $this->session->drop();
-            throw $e;
+            $this->tidyAfter($e);
         }
+    }
+
+    /**
+     * Drops the connection when the call's failure lost its framing (see tidy()), then rethrows it.
+     */
+    private function tidyAfter(\Throwable $e): never
+    {
+        if (
+            !$e instanceof TensorBridgeException
+            || $e instanceof ConnectionException
+            || $e instanceof ProtocolException
+            || $this->session->isBroken()
+        ) {
+            $this->session->drop();
+        }
+        throw $e;
     }
 
     /**
