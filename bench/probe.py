@@ -18,9 +18,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-PHP_CLIENT = BENCH / "php" / "client.php"
+PHP_WORKERS = BENCH / "php" / "workers.php"
 
 
 def family(pid: int) -> list[int]:
@@ -52,6 +53,28 @@ def voluntary_switches(pid: int) -> int:
     return total
 
 
+def start_workers(job: dict[str, Any], processes: int) -> subprocess.Popen[str]:
+    """``processes`` PHP workers running client.php with ``job``, forked from one PHP process
+    after it compiled the library, as PHP-FPM forks its workers (bench/php/workers.php)."""
+    proc = subprocess.Popen(["php", str(PHP_WORKERS)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps({**job, "processes": processes}))
+    proc.stdin.close()
+    proc.stdin = None  # communicate() must not flush it again
+    return proc
+
+
+def worker_results(workers: subprocess.Popen[str], processes: int) -> list[dict[str, Any]]:
+    """Each worker's JSON result, once all have finished."""
+    out = workers.communicate(timeout=900)[0]
+    results = [json.loads(line) for line in out.splitlines() if line.strip()]
+    if workers.returncode != 0 or len(results) != processes:
+        raise RuntimeError(f"PHP workers failed: {len(results)} of {processes} results, "
+                           f"exit status {workers.returncode}")
+    return results
+
+
 def start_server(tmp: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     sock = str(tmp / "tb.sock")
     logfile = (tmp / "server.log").open("w")
@@ -72,22 +95,16 @@ def measure(pid: int, sock: str, tmp: Path, mode: str, processes: int, duration:
             ) -> dict[str, float]:
     """One closed-loop run; per-request figures of the server process."""
     start = tmp / f"start-{processes}-{time.monotonic_ns()}"
-    job = json.dumps({"mode": mode, "socket": sock, "warmup": 50, "duration": duration,
-                      "start": str(start)})
-    procs = [subprocess.Popen(["php", str(PHP_CLIENT)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write(job)
-        p.stdin.close()
-        p.stdin = None
+    job = {"mode": mode, "socket": sock, "warmup": 50, "duration": duration,
+           "start": str(start)}
+    workers = start_workers(job, processes)
     while len(list(tmp.glob(start.name + ".ready.*"))) < processes:
-        if any(p.poll() for p in procs):
+        if workers.poll() is not None:
             raise RuntimeError("a PHP client failed")
         time.sleep(0.01)
     ticks0, switches0 = cpu_ticks(pid), voluntary_switches(pid)
     start.touch()
-    results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    results = worker_results(workers, processes)
     ticks1, switches1 = cpu_ticks(pid), voluntary_switches(pid)
     calls = sum(len(r["samples_us"]) for r in results)
     wall = max(r["wall_us"] for r in results) / 1e6

@@ -84,6 +84,10 @@ def render(res: dict[str, Any]) -> str:
     out += ["", "ResNet-18 is built in `bench/vision.py` with fixed random weights (no weights "
             "can be downloaded here); its compute time does not depend on them.", "",
             "## S5 throughput: concurrent PHP CLI processes", "",
+            "The PHP processes of S1-S7 are forked from one PHP process that has compiled the "
+            "client library first (`bench/php/workers.php`), as PHP-FPM forks its workers from "
+            "its master, so they share its compiled code; every transport's clients run the "
+            "same way.", "",
             "![throughput](img/throughput.png)", "",
             "| processes | transport | req/s | p50 | p99 | server CPU / req | server wake-ups / req "
             "| PHP CPU / req |",

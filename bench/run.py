@@ -220,22 +220,17 @@ def closed_loop(svc: Services, job: dict[str, Any], level: int, servers: list[An
     after their warm-up: (row with req/s, p50, p99, CPU per request; raw client results)."""
     start = svc.tmp / ("start-" + re.sub(r"[^A-Za-z0-9]+", "_", label))
     job = {**job, "start": str(start)}
-    procs = [subprocess.Popen(["php", str(PHP_CLIENT)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(level)]
-    for p in procs:
-        p.stdin.write(json.dumps(job))  # type: ignore[union-attr]
-        p.stdin.close()  # type: ignore[union-attr]
-        p.stdin = None  # communicate() must not flush it again
+    workers = probe.start_workers(job, level)
     # Start the clock only when every process has finished its warm-up.
     deadline = time.monotonic() + 600
     while len(list(svc.tmp.glob(start.name + ".ready.*"))) < level:
-        if time.monotonic() > deadline or any(p.poll() for p in procs):
+        if time.monotonic() > deadline or workers.poll() is not None:
             raise RuntimeError(f"{label}: clients did not get ready")
         time.sleep(0.01)
     cpu0 = sum(svc.cpu_seconds(s) for s in servers)
     switches0 = sum(probe.voluntary_switches(s.pid) for s in servers)
     start.touch()
-    results = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    results = probe.worker_results(workers, level)
     cpu1 = sum(svc.cpu_seconds(s) for s in servers)
     switches1 = sum(probe.voluntary_switches(s.pid) for s in servers)
     samples = [s for r in results for s in r["samples_us"]]

@@ -13,7 +13,8 @@ require __DIR__ . '/../../php/autoload.php';
 use TensorBridge\Client;
 use TensorBridge\Tensor;
 
-$job = json_decode(stream_get_contents(STDIN), true, 512, JSON_THROW_ON_ERROR);
+// workers.php forks this file's processes and hands them the job it read
+$job = $GLOBALS['TB_JOB'] ?? json_decode(stream_get_contents(STDIN), true, 512, JSON_THROW_ON_ERROR);
 $mode = $job['mode'];
 $large = 602112;                       // 1 x 3 x 224 x 224 float32
 $floats = array_map(fn (int $i): float => ($i % 255) / 255.0, range(0, $large / 4 - 1));
