@@ -191,3 +191,23 @@ def test_digits_training_script_reaches_the_accuracy(tmp_path: Path) -> None:
     x, y = digits.load_data()
     _, test_idx = digits.split()
     assert digits.accuracy(model, x[test_idx], y[test_idx]) == accuracy
+
+
+def test_forward_honours_hooks_added_after_load() -> None:
+    """``forward`` calls a plain module's ``forward`` directly only while nothing (a hook, a
+    global hook) would make ``module(...)`` do more; hooks added later still run."""
+    module = torch.nn.Identity()
+    model = tb.LoadedModel(tb.ModelConfig(name="id", source="x"), module,
+                           tb.Signature.parse([{"name": "x", "datatype": "FP32", "shape": [-1]}],
+                                              ["y"]))
+    x = torch.ones(2)
+    assert torch.equal(model.forward({"x": x})["y"], x)
+    handle = module.register_forward_hook(lambda _m, _args, out: out * 3)
+    assert torch.equal(model.forward({"x": x})["y"], x * 3)
+    handle.remove()
+    glob = torch.nn.modules.module.register_module_forward_hook(lambda _m, _a, out: out + 1)
+    try:
+        assert torch.equal(model.forward({"x": x})["y"], x + 1)
+    finally:
+        glob.remove()
+    assert torch.equal(model.forward({"x": x})["y"], x)

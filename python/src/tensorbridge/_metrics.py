@@ -16,6 +16,7 @@ import threading
 from collections import Counter as Counter_
 from collections.abc import Callable, Iterable
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,10 @@ METRIC_NAMES = frozenset({
 FLUSH_EVERY = 1024
 
 
+_NOTED_KEY = itemgetter(0, 1, 2)
+_SECONDS = itemgetter(3, 4, 5, 6)
+
+
 def _observe_all(hist: Any, values: np.ndarray) -> None:
     """``hist.observe(v)`` for every value, as one update per bucket (prometheus_client's
     bucket counters when it has them, one call per value otherwise)."""
@@ -123,7 +128,8 @@ class Metrics:
         self._http: Any = None
         r = self.registry
         #: Answered requests waiting to be put into the histograms (``request_done``).
-        self._pending: list[tuple[str, str, float, float, float, float]] = []
+        #: (model, version or None, status, queue_s, preprocess_s, compute_s, total_s).
+        self._pending: list[tuple[str, int | None, str, float, float, float, float]] = []
         self._versions: list[tuple[str, int, str]] = []
         self._pending_lock = threading.Lock()
         r.register(_Flush(self))  # first: every scrape takes the pending requests in
@@ -240,8 +246,8 @@ class Metrics:
                  preprocess_s: float, compute_s: float, total_s: float) -> None:
         """``request_done`` and ``version_request`` of one INFER in one call (its hot path)."""
         with self._pending_lock:
-            self._pending.append((model, status, queue_s, preprocess_s, compute_s, total_s))
-            self._versions.append((model, version, status))
+            self._pending.append((model, version, status, queue_s, preprocess_s, compute_s,
+                                  total_s))
             full = len(self._pending) >= FLUSH_EVERY
         if full:
             self.flush()
@@ -252,7 +258,8 @@ class Metrics:
         # On every request, so only noted here: five observations cost ~3 µs a request, a
         # bulk update per (model, status) at the next scrape or FLUSH_EVERY requests ~0.1.
         with self._pending_lock:
-            self._pending.append((model, status, queue_s, preprocess_s, compute_s, total_s))
+            self._pending.append((model, None, status, queue_s, preprocess_s, compute_s,
+                                  total_s))
             full = len(self._pending) >= FLUSH_EVERY
         if full:
             self.flush()
@@ -262,17 +269,22 @@ class Metrics:
         with self._pending_lock:
             pending, self._pending = self._pending, []
             versions, self._versions = self._versions, []
-        for key, n in Counter_(versions).items():
+        # Grouped by C-level passes (map, Counter): a flush takes ~0.1 µs a request.
+        noted = Counter_(map(_NOTED_KEY, pending))
+        counts = Counter_(versions)
+        by_status: dict[tuple[str, str], int] = {}
+        for (model, version, status), n in noted.items():
+            if version is not None:
+                counts[(model, version, status)] += n
+            by_status[(model, status)] = by_status.get((model, status), 0) + n
+        for key, n in counts.items():
             child = self._version_children.get(key)
             if child is None:
                 model, version, status = key
                 child = self._version_requests.labels(self._model(model), str(version), status)
                 self._version_children[key] = child
             child.inc(n)
-        groups: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
-        for model, status, *seconds in pending:
-            groups.setdefault((model, status), []).append(tuple(seconds))  # type: ignore[arg-type]
-        for (model, status), rows in groups.items():
+        for (model, status), n in by_status.items():
             children = self._children.get((model, status))
             if children is None:
                 label = self._model(model)
@@ -282,8 +294,10 @@ class Metrics:
                 if label == model:  # unknown names share "_other": not cached one by one
                     self._children[(model, status)] = children
             requests, *hists = children
-            requests.inc(len(rows))
-            values = np.asarray(rows, dtype=np.float64)
+            requests.inc(n)
+            rows = pending if len(by_status) == 1 else [
+                p for p in pending if p[0] == model and p[2] == status]
+            values = np.asarray(list(map(_SECONDS, rows)), dtype=np.float64)
             for k, hist in enumerate(hists):
                 _observe_all(hist, values[:, k])
 

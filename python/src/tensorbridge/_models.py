@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.modules.module as _nn_module
 
 from ._backends import backend_name, forward_inputs, load_backend
 from ._errors import ModelError, TensorBridgeError
@@ -22,6 +23,22 @@ from ._spec import BY_NAME, BY_TORCH
 from ._text import TextPipeline
 
 _InferenceMode = torch._C._InferenceMode
+_tracing = torch._C._get_tracing_state
+_MODULE_CALL = torch.nn.Module.__call__
+_GLOBAL_HOOKS = (_nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks,
+                 _nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks)
+
+
+def _call_of(module: Any) -> Any:
+    """What ``module(...)`` ends up calling: ``module.forward`` itself when ``nn.Module``'s
+    ``__call__`` would call just that (no hooks, not compiled, not tracing), which saves its
+    two Python frames (~0.6 µs a call); else the module."""
+    if (type(module).__call__ is not _MODULE_CALL or module._forward_hooks
+            or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks or module._compiled_call_impl is not None
+            or any(_GLOBAL_HOOKS) or _tracing()):
+        return module
+    return module.forward
 
 log = logging.getLogger("tensorbridge")
 
@@ -144,8 +161,11 @@ class LoadedModel:
         #: The version number this copy serves (1 for a model given without a repository).
         self.version = version
         self.module = module
+        #: An ``nn.Module`` (its hooks are looked at per call: ``_call_of``).
+        self._plain = isinstance(module, torch.nn.Module)
         self.pipeline: Pipeline | TextPipeline = pipeline or Pipeline()
         self.device = torch.device(config.device)
+        self._on_cpu = self.device.type == "cpu"  # read on every call (torch's .type is slow)
         self._forward_signature = signature
         self._input_names, self._output_names = _names(signature)
         #: What clients send and get (checked on every request, reported by MODELS).
@@ -194,16 +214,15 @@ class LoadedModel:
 
         Raises ``ModelError`` (with the model's exception type and text) when the model fails.
         """
-        if self.device.type != "cpu":
+        if not self._on_cpu:
             inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor)
                       else v for k, v in inputs.items()}
         names = self._input_names
         try:
             with _InferenceMode(True):  # what torch.inference_mode() enters, without its wrapper
-                if names is None:
-                    result = self.module(dict(inputs))
-                else:
-                    result = self.module(*[inputs[n] for n in names])
+                call = _call_of(self.module) if self._plain else self.module
+                result = (call(dict(inputs)) if names is None
+                          else call(*[inputs[n] for n in names]))
         except TensorBridgeError:  # a backend's typed error (the remote's): kept as it is
             raise
         except Exception as exc:  # the model's own failure, reported to the caller
@@ -216,7 +235,9 @@ class LoadedModel:
 
     def _name_outputs(self, result: Any) -> dict[str, Any]:
         names = self._output_names
-        if isinstance(result, Mapping):
+        if isinstance(result, torch.Tensor):  # the common case, before the slower ABC check
+            out = {names[0]: result}
+        elif type(result) is dict or isinstance(result, Mapping):
             out = dict(result)
         elif isinstance(result, (tuple, list)) and not _is_bytes_list(result):
             if len(result) != len(names):

@@ -129,8 +129,12 @@ class ModelQueue:
         #: for batching models only).
         self.batch_sizes: dict[int, int] = {}
         self.replaced = 0
-        #: Moving average of a model call's seconds (``quick`` reads it); unknown = slow.
+        #: Moving average of a model call's seconds; unknown = slow.
         self.call_s = float("inf")
+        #: Whether a call takes under ``QUICK_CALL_S`` on average: only such calls run inline
+        #: on the compiled loop's one Python thread (a slow one would hold everyone's replies
+        #: while the model's other instances idle). Kept with ``call_s``: read per request.
+        self.quick = False
         self._on_batch = on_batch
         self._on_instances = on_instances
         self._jobs: deque[Request] = deque()
@@ -182,13 +186,6 @@ class ModelQueue:
                     inst.busy_since = time.monotonic()
                     return inst
             return None
-
-    @property
-    def quick(self) -> bool:
-        """Whether a call takes under ``QUICK_CALL_S`` on average: only such calls run inline
-        on the compiled loop's one Python thread (a slow one would hold everyone's replies
-        while the model's other instances idle)."""
-        return self.call_s < QUICK_CALL_S
 
     def run_claimed(self, inst: _Instance, job: Request) -> None:
         """Run a job in this thread on the instance taken by ``try_claim``, then free it."""
@@ -412,6 +409,7 @@ class ModelQueue:
     def _called(self, started: float, rows: int) -> None:
         took = time.monotonic() - started
         self.call_s = took if self.call_s == float("inf") else self.call_s + (took - self.call_s) / 8
+        self.quick = self.call_s < QUICK_CALL_S
         if self.batching:
             self._record(rows)
 
