@@ -178,19 +178,7 @@ final class Client
      */
     public function infer(string $model, array $inputs, ?int $version = null, ?string $routingKey = null): array
     {
-        return $this->calls->guard(function (Deadline $deadline) use ($model, $inputs, $version, $routingKey): array {
-            Inputs::checkRoute($version, $routingKey);
-            $requests = [$this->calls->tensors($model, $inputs, $deadline)];
-            $replies = $this->calls->send($model, $requests, $deadline, $version, $routingKey);
-            $answer = $replies->items[0];
-            if ($replies->failure !== null) {
-                throw $replies->failure;
-            }
-            if ($answer instanceof TensorBridgeException) {
-                throw $answer;
-            }
-            return $answer->outputs;
-        });
+        return $this->calls->infer($model, $inputs, $version, $routingKey);
     }
 
     /**

@@ -83,16 +83,58 @@ final class Calls
         $probe = $this->breaker->admit($this->timeout + 1.0);
         try {
             $result = $fn(Deadline::in($this->timeout));
-        } catch (TensorBridgeException $e) {
-            $this->settle($probe, $e, $e->errorCode() !== null);
-            throw $e;
         } catch (\Throwable $e) {
-            $this->breaker->recordNeutral($probe);
-            throw $e;
+            $this->settleThrown($probe, $e);
         }
         [$failure, $answered] = $verdict === null ? [null, true] : $verdict($result);
         $this->settle($probe, $failure, $answered);
         return $result;
+    }
+
+    /**
+     * Client::infer(): one request, guarded as guard() does, without a closure per call.
+     *
+     * @param array<mixed> $inputs
+     * @return array<string, Tensor>
+     */
+    public function infer(string $model, array $inputs, ?int $version, ?string $routingKey): array
+    {
+        $probe = $this->breaker->admit($this->timeout + 1.0);
+        try {
+            $deadline = Deadline::in($this->timeout);
+            if ($version !== null || $routingKey !== null) {
+                Inputs::checkRoute($version, $routingKey);
+            }
+            $tensors = Inputs::allTensors($inputs) ? $inputs : $this->tensors($model, $inputs, $deadline);
+            $replies = $this->transport->infer($model, [$tensors], $deadline, $version, $routingKey);
+            $answer = $replies->items[0];
+            if ($answer instanceof Reply) {
+                $this->lastTiming = $answer->timing;
+            }
+            if ($replies->failure !== null) {
+                throw $replies->failure;
+            }
+            if ($answer instanceof TensorBridgeException) {
+                throw $answer;
+            }
+        } catch (\Throwable $e) {
+            $this->settleThrown($probe, $e);
+        }
+        $this->settle($probe, null, true);
+        return $answer->outputs;
+    }
+
+    /**
+     * Tells the breaker how a call that threw ended (see guard()), then rethrows.
+     */
+    private function settleThrown(bool $probe, \Throwable $e): never
+    {
+        if ($e instanceof TensorBridgeException) {
+            $this->settle($probe, $e, $e->errorCode() !== null);
+        } else {
+            $this->breaker->recordNeutral($probe);
+        }
+        throw $e;
     }
 
     private function settle(bool $probe, ?TensorBridgeException $e, bool $answered): void

@@ -33,35 +33,41 @@ final class Descriptors
      */
     public static function encode(TensorDescriptor $d): string
     {
-        $ndim = count($d->shape);
+        return self::encodeFields($d->name, $d->dtype, $d->shape, $d->location, $d->offset, $d->nbytes, $d->crc32c);
+    }
+
+    /**
+     * Encodes one tensor descriptor from its fields (no TensorDescriptor needed).
+     *
+     * @param list<int> $shape
+     */
+    public static function encodeFields(
+        string $name,
+        DType $dtype,
+        array $shape,
+        int $location,
+        int $offset,
+        int $nbytes,
+        int $crc32c,
+    ): string {
+        $ndim = count($shape);
         if ($ndim > Spec::MAX_DIMS) {
             throw new InvalidInputException(sprintf(
                 'tensor "%s" has %d dimensions; the maximum is 8',
-                $d->name,
+                $name,
                 $ndim,
             ));
         }
-        $nameLen = strlen($d->name);
+        $nameLen = strlen($name);
         if ($nameLen < 1 || $nameLen > Spec::MAX_NAME) {
             throw new InvalidInputException(sprintf(
                 'tensor name "%s" must be 1 to %d bytes long',
-                $d->name,
+                $name,
                 Spec::MAX_NAME,
             ));
         }
-        return pack(
-            'CCCCvvPPVV',
-            $d->dtype->value,
-            $ndim,
-            $d->location,
-            0,
-            $nameLen,
-            0,
-            $d->offset,
-            $d->nbytes,
-            $d->crc32c,
-            0,
-        ) . ($ndim > 0 ? pack('P*', ...$d->shape) : '') . $d->name;
+        return pack('CCCCvvPPVV', $dtype->value, $ndim, $location, 0, $nameLen, 0, $offset, $nbytes, $crc32c, 0)
+            . ($ndim > 0 ? pack('P*', ...$shape) : '') . $name;
     }
 
     /**

@@ -48,7 +48,8 @@ final class Pipeline
             // one request: one round, nothing to split, order or mark as not sent
             $key = array_key_first($requests);
             try {
-                [$answers, $failure] = $this->pipeline($target, [$requests[$key]], $deadline, $index, true);
+                [$answers, $failure] = $this->one($target, $requests[$key], $deadline, $index)
+                    ?? $this->pipeline($target, [$requests[$key]], $deadline, $index, true);
             } catch (PayloadTooLargeException $e) {
                 return new Replies([$key => $e]); // nothing was sent: the item's own problem
             }
@@ -138,10 +139,173 @@ final class Pipeline
     {
         return RequestLayout::outputArea(
             $index?->outputBytes($model, $tensors),
-            $tensors,
+            RequestLayout::inputBytes($tensors),
             $single,
             $this->session->regionCap(),
         );
+    }
+
+    /**
+     * One request on a session that is ready for it (Session::ready(): in step with the server, a
+     * region attached, nothing abandoned, no checksums): pipeline() for a single request, with the
+     * same frame and the same checks, fused into fewer calls and objects (this is the path of
+     * every plain infer()). Null, with nothing sent, when the session is not ready or the region
+     * is too small: pipeline() then takes the request.
+     *
+     * @param array<string, Tensor> $tensors
+     * @return array{0: array<int, Reply|TensorBridgeException>, 1: TensorBridgeException|null}|null
+     */
+    private function one(Target $target, array $tensors, Deadline $deadline, ?ModelIndex $index): ?array
+    {
+        $session = $this->session;
+        $conn = $session->readyConnection();
+        $region = $session->readyRegion();
+        if ($conn === null || $region === null) {
+            return null;
+        }
+        $model = $target->model;
+        $size = $region->size;
+        $descriptors = '';
+        $cursor = 0; // the region is ours alone: the request starts at 0 (RequestLayout::place())
+        foreach ($tensors as $name => $tensor) {
+            $bytes = $tensor->bytes();
+            $len = strlen($bytes);
+            if ($len > $size - $cursor) {
+                return null; // pipeline() attaches a larger region
+            }
+            $region->write($cursor, $bytes);
+            $descriptors .= Descriptors::encodeFields(
+                $name,
+                $tensor->dtypeEnum(),
+                $tensor->shape(),
+                Spec::LOCATION_REGION,
+                $cursor,
+                $len,
+                0,
+            );
+            $cursor = ($cursor + $len + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1);
+        }
+        $capacity = RequestLayout::outputArea(
+            $index?->outputBytes($model, $tensors),
+            $cursor,
+            true,
+            $session->regionCap(),
+        );
+        if ($capacity > $size - $cursor) {
+            return null;
+        }
+        $id = $session->nextId();
+        $head = Wire::inferHead(
+            (int) max(1, min(self::MAX_TIMEOUT_US, intdiv($deadline->at - hrtime(true), 1000))),
+            $model,
+            count($tensors),
+            $cursor,
+            $capacity,
+            $target->version,
+            $target->routingKey,
+        );
+        $frame = Wire::encodeFrame(FrameType::INFER, $id, $head . $descriptors);
+        $spin = $session->spin->spinMicros($model);
+        try {
+            $conn->send($frame, $deadline->at);
+        } catch (TimeoutException | ConnectionException $e) {
+            return self::sendFailure($e, $conn, true, $model, 1) ?? $this->resend($target, [$tensors], $deadline, $index);
+        }
+        try {
+            $reply = $session->awaitReply($id, $deadline, $model, $spin);
+            $session->spin->record($model, $conn->spinHit());
+            if (!$reply instanceof InferResponse) {
+                throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
+            }
+            $outputs = RequestLayout::readOutputs($reply, $cursor, $capacity, $region, false);
+            return [[new Reply($outputs, self::timing($reply))], null];
+        } catch (TensorBridgeException $e) {
+            if ($e->errorCode() !== null && $conn->isOpen()) {
+                return [[$e], null]; // the server's answer to this request
+            }
+            $end = min(($cursor + $capacity + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1), $size);
+            return [[], $this->awaitFailure($e, $conn, [$id => [0, $end]], $model, $deadline)];
+        }
+    }
+
+    /**
+     * The requests again, once, on a new connection and region: the server had closed the
+     * connection while it was idle (idle_timeout, a restart) and not a byte of them reached it.
+     *
+     * @param list<array<string, Tensor>> $requests
+     * @return array{0: array<int, Reply|TensorBridgeException>, 1: TensorBridgeException|null}
+     */
+    private function resend(Target $target, array $requests, Deadline $deadline, ?ModelIndex $index): array
+    {
+        $this->session->drop();
+        return $this->pipeline($target, $requests, $deadline, $index, count($requests) === 1, false);
+    }
+
+    /**
+     * What a failed send means: the failure of the requests in flight; null when the server had
+     * closed the idle connection before a byte went out (send them again, once: see resend()).
+     *
+     * @throws TimeoutException when not a byte was sent (the connection is intact, nothing in flight)
+     */
+    private static function sendFailure(
+        TimeoutException|ConnectionException $e,
+        Connection $conn,
+        bool $mayReconnect,
+        string $model,
+        int $count,
+    ): ?ConnectionException {
+        if ($e instanceof TimeoutException) {
+            if ($conn->isOpen()) {
+                throw $e;
+            }
+        } elseif ($mayReconnect && $conn->refusedBeforeSending()) {
+            return null;
+        }
+        return self::inFlight($e, $model, $count);
+    }
+
+    /**
+     * The failure that ends a pipeline while waiting for replies (not an ERROR reply: the
+     * connection failed, the framing was lost or the deadline passed); on a timeout the requests
+     * still unanswered are abandoned (their region bytes stay busy until their late replies).
+     *
+     * @param array<int, array{0: int, 1: int}> $late request id => region byte range of the unanswered requests
+     */
+    private function awaitFailure(
+        TensorBridgeException $e,
+        Connection $conn,
+        array $late,
+        string $model,
+        Deadline $deadline,
+    ): TensorBridgeException {
+        if ($e instanceof TimeoutException && $conn->isOpen()) {
+            $this->session->abandon($late);
+            return new TimeoutException(sprintf(
+                'inference on model "%s" timed out after %.3f s (the client\'s own deadline);'
+                . ' the server may still finish it (its late reply will be discarded).'
+                . ' Raise the timeout or check the server load.',
+                $model,
+                $deadline->timeout,
+            ), $deadline->timeout, null, $e);
+        }
+        if ($e instanceof ConnectionException && !$e instanceof UnauthorizedException) {
+            return self::inFlight($e, $model, count($late));
+        }
+        return $e;
+    }
+
+    /**
+     * @return array{queue_us: int, compute_us: int, preprocess_us: int, batch_size: int, version: int}
+     */
+    private static function timing(InferResponse $reply): array
+    {
+        return [
+            'queue_us' => $reply->queueUs,
+            'compute_us' => $reply->computeUs,
+            'preprocess_us' => $reply->preprocessUs,
+            'batch_size' => $reply->batchSize,
+            'version' => $reply->version,
+        ];
     }
 
     /**
@@ -178,37 +342,15 @@ final class Pipeline
         $timeoutUs = (int) max(1, min(self::MAX_TIMEOUT_US, intdiv($deadline->remainingNs(), 1000)));
         $frames = '';
         foreach ($plans as $plan) {
-            $request = new InferRequest(
-                $timeoutUs,
-                $model,
-                $plan->outOffset,
-                $plan->outCapacity,
-                $plan->inputs,
-                '',
-                $target->version,
-                $target->routingKey,
-            );
-            $body = Wire::encodeBody(FrameType::INFER, $request);
-            $frames .= Wire::encodeFrame(FrameType::INFER, $plan->id, $body, $session->checksums);
+            $frames .= Wire::inferFrame($plan->id, $timeoutUs, $target, $plan, $session->checksums);
         }
         $conn = $session->connection($deadline);
         $spin = $session->spin->spinMicros($model);
         try {
             $conn->send($frames, $deadline->at);
-        } catch (TimeoutException $e) {
-            if ($conn->isOpen()) {
-                throw $e; // not a byte was sent: the connection is intact and nothing is in flight
-            }
-            return [[], self::inFlight($e, $model, count($plans))];
-        } catch (ConnectionException $e) {
-            if ($mayReconnect && $conn->refusedBeforeSending()) {
-                // The server had closed this connection while it was idle (idle_timeout, a
-                // restart): not a byte of these requests reached it, so they go out again, once,
-                // on a new connection and region.
-                $session->drop();
-                return $this->pipeline($target, $requests, $deadline, $index, $single, false);
-            }
-            return [[], self::inFlight($e, $model, count($plans))];
+        } catch (TimeoutException | ConnectionException $e) {
+            $failure = self::sendFailure($e, $conn, $mayReconnect, $model, count($plans));
+            return $failure === null ? $this->resend($target, $requests, $deadline, $index) : [[], $failure];
         }
 
         $answers = [];
@@ -221,38 +363,24 @@ final class Pipeline
                 if (!$reply instanceof InferResponse) {
                     throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
                 }
-                $timing = [
-                    'queue_us' => $reply->queueUs,
-                    'compute_us' => $reply->computeUs,
-                    'preprocess_us' => $reply->preprocessUs,
-                    'batch_size' => $reply->batchSize,
-                    'version' => $reply->version,
-                ];
-                $outputs = RequestLayout::readOutputs($reply, $plan, $region, $session->checksums);
-                $answers[$k] = new Reply($outputs, $timing);
+                $outputs = RequestLayout::readOutputs(
+                    $reply,
+                    $plan->outOffset,
+                    $plan->outCapacity,
+                    $region,
+                    $session->checksums,
+                );
+                $answers[$k] = new Reply($outputs, self::timing($reply));
             } catch (TensorBridgeException $e) {
                 if ($e->errorCode() !== null && $conn->isOpen()) {
                     $answers[$k] = $e; // the server's answer to this request; the others carry on
                     continue;
                 }
-                if ($e instanceof TimeoutException && $conn->isOpen()) {
-                    $late = [];
-                    foreach (array_slice($plans, $k) as $plan) {
-                        $late[$plan->id] = [$plan->start, $plan->end];
-                    }
-                    $session->abandon($late);
-                    return [$answers, new TimeoutException(sprintf(
-                        'inference on model "%s" timed out after %.3f s (the client\'s own deadline);'
-                        . ' the server may still finish it (its late reply will be discarded).'
-                        . ' Raise the timeout or check the server load.',
-                        $model,
-                        $deadline->timeout,
-                    ), $deadline->timeout, null, $e)];
+                $late = [];
+                foreach (array_slice($plans, $k) as $plan) {
+                    $late[$plan->id] = [$plan->start, $plan->end];
                 }
-                if ($e instanceof ConnectionException && !$e instanceof UnauthorizedException) {
-                    return [$answers, self::inFlight($e, $model, count($plans) - $k)];
-                }
-                return [$answers, $e];
+                return [$answers, $this->awaitFailure($e, $conn, $late, $model, $deadline)];
             }
         }
         return [$answers, null];

@@ -14,7 +14,8 @@ final class PlannedRequest
     /**
      * @param int $start first region byte the request uses
      * @param int $end region byte after the last one it uses (its output area included)
-     * @param list<TensorDescriptor> $inputs
+     * @param string $descriptors the inputs' descriptors, encoded (spec §6.3)
+     * @param int $inputCount how many descriptors $descriptors holds
      */
     public function __construct(
         public readonly int $id,
@@ -22,7 +23,8 @@ final class PlannedRequest
         public readonly int $end,
         public readonly int $outOffset,
         public readonly int $outCapacity,
-        public readonly array $inputs,
+        public readonly string $descriptors,
+        public readonly int $inputCount,
     ) {
     }
 }

@@ -52,15 +52,14 @@ final class RequestLayout
      * It is bounded rather than "the rest of the region" so that a timed-out request does not
      * keep the whole region busy.
      *
-     * @param array<string, Tensor> $tensors
+     * @param int $in the region bytes the request's inputs take (inputBytes())
      * @param int $regionCap the largest region the server attaches (0 = not known)
      */
-    public static function outputArea(?int $known, array $tensors, bool $single, int $regionCap): int
+    public static function outputArea(?int $known, int $in, bool $single, int $regionCap): int
     {
         if ($known !== null) {
             return $known;
         }
-        $in = self::inputBytes($tensors);
         $out = max($in, $single ? self::UNKNOWN_OUTPUT_SINGLE : self::UNKNOWN_OUTPUT_PIPELINED);
         if ($regionCap > 0 && $in + $out > $regionCap) {
             $out = max($regionCap - $in, Spec::ALIGN);
@@ -88,26 +87,27 @@ final class RequestLayout
         $plans = [];
         foreach ($requests as $i => $tensors) {
             $start = $cursor;
-            $descriptors = [];
+            $descriptors = '';
             foreach ($tensors as $name => $tensor) {
                 $bytes = $tensor->bytes();
+                $len = strlen($bytes);
                 $region->write($cursor, $bytes);
-                $descriptors[] = new TensorDescriptor(
+                $descriptors .= Descriptors::encodeFields(
                     (string) $name,
                     $tensor->dtypeEnum(),
                     $tensor->shape(),
                     Spec::LOCATION_REGION,
                     $cursor,
-                    strlen($bytes),
+                    $len,
                     $checksums ? Wire::crc32c($bytes) : 0,
                 );
-                $cursor = self::align($cursor + strlen($bytes));
+                $cursor = ($cursor + $len + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1);
             }
             $outOffset = $cursor;
             $capacity = min($outAreas[$i], $region->size - $outOffset);
             $cursor = self::align($outOffset + $capacity);
             $end = min($cursor, $region->size);
-            $plans[] = new PlannedRequest($nextId(), $start, $end, $outOffset, $capacity, $descriptors);
+            $plans[] = new PlannedRequest($nextId(), $start, $end, $outOffset, $capacity, $descriptors, count($tensors));
         }
         return $plans;
     }
@@ -120,23 +120,23 @@ final class RequestLayout
      */
     public static function readOutputs(
         InferResponse $reply,
-        PlannedRequest $plan,
+        int $outOffset,
+        int $outCapacity,
         Region $region,
         bool $checksums,
-    ): array
-    {
+    ): array {
         $outputs = [];
-        $areaEnd = $plan->outOffset + $plan->outCapacity;
+        $areaEnd = $outOffset + $outCapacity;
         foreach ($reply->outputs as $d) {
             if ($d->location === Spec::LOCATION_REGION) {
-                if ($d->offset < $plan->outOffset || $d->offset > $areaEnd || $d->nbytes > $areaEnd - $d->offset) {
+                if ($d->offset < $outOffset || $d->offset > $areaEnd || $d->nbytes > $areaEnd - $d->offset) {
                     throw new ProtocolException(sprintf(
                         'output "%s" at region bytes [%d, +%d) lies outside the output area [%d, +%d)',
                         $d->name,
                         $d->offset,
                         $d->nbytes,
-                        $plan->outOffset,
-                        $plan->outCapacity,
+                        $outOffset,
+                        $outCapacity,
                     ));
                 }
                 $bytes = $region->read($d->offset, $d->nbytes);

@@ -97,6 +97,25 @@ final class Session
     }
 
     /**
+     * The connection when a request can go out on it at once: open and in step with the server
+     * (a reply read, no stale frames of earlier users ahead), nothing abandoned, no checksums.
+     */
+    public function readyConnection(): ?Connection
+    {
+        return $this->synced && $this->abandoned === [] && !$this->checksums && $this->conn?->isOpen() === true
+            ? $this->conn
+            : null;
+    }
+
+    /**
+     * The attached region, if any (no attach).
+     */
+    public function readyRegion(): ?Region
+    {
+        return $this->region;
+    }
+
+    /**
      * Whether a connection exists and is still usable.
      */
     public function isOpen(): bool

@@ -162,43 +162,84 @@ final class Wire
         };
     }
 
+    /**
+     * A whole INFER frame for a request laid out in the region (RequestLayout::place()).
+     */
+    public static function inferFrame(int $id, int $timeoutUs, Target $target, PlannedRequest $plan, bool $crc): string
+    {
+        $head = self::inferHead(
+            $timeoutUs,
+            $target->model,
+            $plan->inputCount,
+            $plan->outOffset,
+            $plan->outCapacity,
+            $target->version,
+            $target->routingKey,
+        );
+        return self::encodeFrame(FrameType::INFER, $id, $head . $plan->descriptors, $crc);
+    }
+
     private static function encodeInfer(InferRequest $r): string
     {
-        $modelLen = strlen($r->model);
-        if ($modelLen < 1 || $modelLen > Spec::MAX_NAME) {
-            throw new InvalidInputException(sprintf(
-                'model name "%s" must be 1 to %d bytes long',
-                $r->model,
-                Spec::MAX_NAME,
-            ));
-        }
-        $n = count($r->inputs);
-        if ($n < 1 || $n > Spec::MAX_INPUTS) {
-            throw new InvalidInputException(sprintf('a request needs 1 to %d inputs, got %d', Spec::MAX_INPUTS, $n));
-        }
-        $options = 0;
-        $optional = '';
-        if ($r->version !== null) {
-            if ($r->version < 1 || $r->version > 0xFFFFFFFF) {
-                throw new InvalidInputException(sprintf('model version %d must be 1 or more', $r->version));
-            }
-            $options |= Spec::INFER_OPT_VERSION;
-            $optional .= pack('V', $r->version);
-        }
-        if ($r->routingKey !== null) {
-            $keyLen = strlen($r->routingKey);
-            if ($keyLen < 1 || $keyLen > 255) {
-                throw new InvalidInputException(sprintf('a routing key must be 1 to 255 bytes long, got %d', $keyLen));
-            }
-            $options |= Spec::INFER_OPT_ROUTING_KEY;
-            $optional .= chr($keyLen) . $r->routingKey;
-        }
-        $out = pack('VvCCPP', $r->timeoutUs, $modelLen, $n, $options, $r->outOffset, $r->outCapacity)
-            . $r->model . $optional;
+        $out = self::inferHead(
+            $r->timeoutUs,
+            $r->model,
+            count($r->inputs),
+            $r->outOffset,
+            $r->outCapacity,
+            $r->version,
+            $r->routingKey,
+        );
         foreach ($r->inputs as $d) {
             $out .= Descriptors::encode($d);
         }
         return $out . $r->inline;
+    }
+
+    /**
+     * The INFER body up to its descriptors: fixed fields, model name, version and routing key.
+     */
+    public static function inferHead(
+        int $timeoutUs,
+        string $model,
+        int $n,
+        int $outOffset,
+        int $outCapacity,
+        ?int $version,
+        ?string $routingKey,
+    ): string {
+        $modelLen = strlen($model);
+        if ($modelLen < 1 || $modelLen > Spec::MAX_NAME) {
+            throw new InvalidInputException(sprintf(
+                'model name "%s" must be 1 to %d bytes long',
+                $model,
+                Spec::MAX_NAME,
+            ));
+        }
+        if ($n < 1 || $n > Spec::MAX_INPUTS) {
+            throw new InvalidInputException(sprintf('a request needs 1 to %d inputs, got %d', Spec::MAX_INPUTS, $n));
+        }
+        if ($version === null && $routingKey === null) {
+            return pack('VvCCPP', $timeoutUs, $modelLen, $n, 0, $outOffset, $outCapacity) . $model;
+        }
+        $options = 0;
+        $optional = '';
+        if ($version !== null) {
+            if ($version < 1 || $version > 0xFFFFFFFF) {
+                throw new InvalidInputException(sprintf('model version %d must be 1 or more', $version));
+            }
+            $options |= Spec::INFER_OPT_VERSION;
+            $optional .= pack('V', $version);
+        }
+        if ($routingKey !== null) {
+            $keyLen = strlen($routingKey);
+            if ($keyLen < 1 || $keyLen > 255) {
+                throw new InvalidInputException(sprintf('a routing key must be 1 to 255 bytes long, got %d', $keyLen));
+            }
+            $options |= Spec::INFER_OPT_ROUTING_KEY;
+            $optional .= chr($keyLen) . $routingKey;
+        }
+        return pack('VvCCPP', $timeoutUs, $modelLen, $n, $options, $outOffset, $outCapacity) . $model . $optional;
     }
 
     private static function encodeInferOk(InferResponse $r): string
