@@ -206,6 +206,7 @@ final class Pipeline
         );
         $frame = Wire::encodeFrame(FrameType::INFER, $id, $head . $descriptors);
         $spin = $session->spin->spinMicros($model);
+        $sentAt = hrtime(true);
         try {
             $conn->send($frame, $deadline->at);
         } catch (TimeoutException | ConnectionException $e) {
@@ -213,7 +214,7 @@ final class Pipeline
         }
         try {
             $reply = $session->awaitReply($id, $deadline, $model, $spin);
-            $session->spin->record($model, $conn->spinHit());
+            $session->spin->record($model, $spin, $conn->spinHit(), hrtime(true) - $sentAt);
             if (!$reply instanceof InferResponse) {
                 throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));
             }
@@ -346,6 +347,7 @@ final class Pipeline
         }
         $conn = $session->connection($deadline);
         $spin = $session->spin->spinMicros($model);
+        $sentAt = hrtime(true);
         try {
             $conn->send($frames, $deadline->at);
         } catch (TimeoutException | ConnectionException $e) {
@@ -357,8 +359,8 @@ final class Pipeline
         foreach ($plans as $k => $plan) {
             try {
                 $reply = $session->awaitReply($plan->id, $deadline, $model, $spin);
-                if ($k === 0) {
-                    $session->spin->record($model, $conn->spinHit());
+                if ($single) {
+                    $session->spin->record($model, $spin, $conn->spinHit(), hrtime(true) - $sentAt);
                 }
                 if (!$reply instanceof InferResponse) {
                     throw new ProtocolException('the server answered INFER with a ' . get_debug_type($reply));

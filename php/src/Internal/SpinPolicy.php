@@ -7,36 +7,50 @@ namespace TensorBridge\Internal;
 /**
  * How long a client polls for a reply before it sleeps in select() (spin-before-block, spec §8).
  *
- * Fixed: always the same time (0 = never spin). Auto (the default), per model: spin for
- * AUTO_WINDOW_US while most recent replies came within the window (a hit: no sleep, no
- * wake-up). When the hits drop below half (a slow model; busy cores, where the reply waits for
- * a server that a spinning caller keeps off a core), stop spinning for a number of calls that
- * doubles after each failed try (BACKOFF_MIN to BACKOFF_MAX calls), then try again. A try that
- * holds for BACKOFF_MIN calls resets the back-off. A try costs about three windows of CPU, so
- * under load the spinning costs well under 1 µs per call on average.
+ * Fixed: always the same time (0 = never spin). Auto (the default) measures, per model, what
+ * spinning buys: the moving-average round trip of calls that spun for up to AUTO_WINDOW_US and
+ * of calls that slept at once. It spins only while that makes round trips at least 1/8 shorter.
+ * Whether it does depends on the host: a wake-up costs ~30-45 µs on some VMs and little on
+ * others, and with more callers than cores a spinning caller keeps the server off a core.
  *
- * Pure logic: the caller reports, per reply, whether it spun and whether the reply came in time.
+ * Blocking is the starting point. After the first call (blocking), TRY_CALLS calls spin; if
+ * they were not faster, the next try comes after BACKOFF_MIN calls, then twice as many, up to
+ * BACKOFF_MAX. While spinning, one call in CHECK_EVERY blocks to keep the other average fresh,
+ * and three replies in a row that do not come within the window stop the spinning at once.
+ *
+ * Pure logic: the caller asks before each call and reports how it went.
  *
  * @internal
  */
 final class SpinPolicy
 {
-    /** how long auto mode spins, in microseconds: a quick reply (~30-40 µs here) lands within it */
+    /** how long auto mode spins, in microseconds */
     public const AUTO_WINDOW_US = 50;
-    /** calls without spinning after the first failed try */
+    /** calls that spin in one try */
+    public const TRY_CALLS = 4;
+    /** calls between the first failed try and the next */
     public const BACKOFF_MIN = 16;
     /** the longest pause between two tries, in calls */
     public const BACKOFF_MAX = 1024;
-    /** the hit score's scale: FULL = every recent reply came within the window */
+    /** while spinning, one call in this many sleeps at once (to measure blocking) */
+    public const CHECK_EVERY = 16;
+
+    private const BLOCK = 0;
+    private const TRY = 1;
+    private const SPIN = 2;
+    /** hit score scale: FULL = every recent spin got its reply within the window */
     private const FULL = 256;
-    /** moving-average weight of a new hit or miss: 1 / 2^SHIFT (three misses in a row stop a try) */
+    /** moving-average weight of a new sample: 1 / 2^SHIFT */
     private const SHIFT = 2;
+    /** a single round trip never counts for more than this (ns): one stall does not decide */
+    private const SAMPLE_CAP_NS = 2_000_000;
     /** models whose state is kept (a process calling ever new model names stays bounded) */
     private const MAX_MODELS = 64;
 
     /**
-     * @var array<string, array{0: int, 1: int, 2: int, 3: int}> model => [hit score (0..FULL),
-     *      calls left without spinning, back-off for the next failed try, calls spun in this try]
+     * @var array<string, array{0: int, 1: int, 2: int, 3: int, 4: int, 5: int}> model => [mode,
+     *      average spun round trip ns, average blocked round trip ns, calls left in this mode's
+     *      phase, back-off for the next failed try, hit score]
      */
     private array $state = [];
 
@@ -61,21 +75,24 @@ final class SpinPolicy
     }
 
     /**
-     * Microseconds to spin for the next reply of $model (0 = block at once). Counts the call.
+     * Microseconds to spin for the next reply of $model (0 = sleep at once).
      */
     public function spinMicros(string $model): int
     {
         if ($this->fixedMicros !== null) {
             return $this->fixedMicros;
         }
-        if (!isset($this->state[$model])) {
-            return self::AUTO_WINDOW_US; // no history yet: try (the first replies decide)
+        $s = $this->state[$model] ?? null;
+        if ($s === null) {
+            return 0; // the first call measures blocking
         }
-        if ($this->state[$model][1] > 0) {
-            $this->state[$model][1]--;
-            return 0;
+        if ($s[0] === self::SPIN) {
+            return $s[3] === 0 ? 0 : self::AUTO_WINDOW_US; // 0: this call is the check
         }
-        return self::AUTO_WINDOW_US;
+        if ($s[0] === self::TRY) {
+            return self::AUTO_WINDOW_US;
+        }
+        return $s[3] === 0 ? self::AUTO_WINDOW_US : 0; // BLOCK: a try starts when the pause is over
     }
 
     /**
@@ -87,29 +104,53 @@ final class SpinPolicy
     }
 
     /**
-     * Reports how a reply of $model was waited for: true = it came while spinning, false = the
-     * spin ran out and the caller slept; null = no spin (blocked at once, or it was already read).
+     * Reports one call's reply: how long it was polled for ($spunMicros, from spinMicros()),
+     * whether it came while polling ($hit: null when no poll happened, e.g. the reply had been
+     * read already) and the round trip from send to reply (ns).
      */
-    public function record(string $model, ?bool $hit): void
+    public function record(string $model, int $spunMicros, ?bool $hit, int $roundTripNs): void
     {
-        if ($hit === null || $this->fixedMicros !== null) {
+        if ($this->fixedMicros !== null || ($spunMicros > 0 && $hit === null)) {
             return;
         }
-        if (!isset($this->state[$model]) && count($this->state) >= self::MAX_MODELS) {
-            $this->state = [];
+        $rtt = min(max($roundTripNs, 0), self::SAMPLE_CAP_NS);
+        if (!isset($this->state[$model])) {
+            if (count($this->state) >= self::MAX_MODELS) {
+                $this->state = [];
+            }
+            // the first call blocked: the next ones try spinning
+            $this->state[$model] = [self::BLOCK, 0, $rtt, 0, self::BACKOFF_MIN, self::FULL];
+            return;
         }
-        [$score, $pause, $backoff, $spun] = $this->state[$model] ?? [self::FULL, 0, self::BACKOFF_MIN, 0];
-        $score += (($hit ? self::FULL : 0) - $score) >> self::SHIFT;
-        $spun++;
-        if ($score < self::FULL / 2) {
+        [$mode, $spin, $block, $left, $backoff, $score] = $this->state[$model];
+        if ($spunMicros === 0) {
+            $block = self::average($block, $rtt);
+            if ($mode === self::SPIN) { // a check call: does spinning still pay?
+                $this->state[$model] = self::pays($spin, $block)
+                    ? [self::SPIN, $spin, $block, self::CHECK_EVERY - 1, $backoff, $score]
+                    : [self::BLOCK, 0, $block, self::BACKOFF_MIN, self::BACKOFF_MIN * 2, self::FULL];
+                return;
+            }
+            $this->state[$model] = [$mode, $spin, $block, max($left - 1, 0), $backoff, $score];
+            return;
+        }
+        $spin = $spin === 0 ? $rtt : self::average($spin, $rtt);
+        $score += (($hit === true ? self::FULL : 0) - $score) >> self::SHIFT;
+        if ($mode === self::BLOCK) { // the pause is over: this call starts a try
+            $mode = self::TRY;
+            $left = self::TRY_CALLS;
+        }
+        $left--;
+        $missing = $score < self::FULL / 2;
+        if ($mode === self::TRY && $left > 0 && !$missing) {
+            $this->state[$model] = [self::TRY, $spin, $block, $left, $backoff, $score];
+        } elseif (!$missing && self::pays($spin, $block)) {
+            $left = $mode === self::TRY ? self::CHECK_EVERY - 1 : max($left, 0);
+            $this->state[$model] = [self::SPIN, $spin, $block, $left, self::BACKOFF_MIN, $score];
+        } else {
             // spinning does not pay now: pause, and wait longer before each further try
-            $this->state[$model] = [self::FULL, $backoff, min($backoff * 2, self::BACKOFF_MAX), 0];
-            return;
+            $this->state[$model] = [self::BLOCK, 0, $block, $backoff, min($backoff * 2, self::BACKOFF_MAX), self::FULL];
         }
-        if ($spun >= self::BACKOFF_MIN) {
-            $backoff = self::BACKOFF_MIN; // this try held: a later failure pauses briefly again
-        }
-        $this->state[$model] = [$score, $pause, $backoff, $spun];
     }
 
     /**
@@ -117,8 +158,19 @@ final class SpinPolicy
      */
     public function wouldSpin(string $model): bool
     {
-        return $this->fixedMicros !== null
-            ? $this->fixedMicros > 0
-            : ($this->state[$model][1] ?? 0) === 0;
+        return $this->spinMicros($model) > 0;
+    }
+
+    /**
+     * Spinning pays when its round trips are at least 1/8 shorter than blocking ones.
+     */
+    private static function pays(int $spin, int $block): bool
+    {
+        return $spin * 8 <= $block * 7;
+    }
+
+    private static function average(int $old, int $sample): int
+    {
+        return $old + (($sample - $old) >> self::SHIFT);
     }
 }
