@@ -53,8 +53,9 @@ class ServerConfig:
                            help="torch intra-op threads; 0 = torch's default")
     io_threads: int = setting(
         4, minimum=2, maximum=256,
-        help="threads serving sockets (the compiled loop's, or the Python pool's); one stays "
-             "free for I/O, the others also compute requests for idle, quick models")
+        help="threads serving sockets (the compiled loop's, at most one per CPU, or the Python "
+             "pool's); one stays free for I/O, the others also compute requests for idle, "
+             "quick models")
     loop: str = setting(
         "c", choices=("c", "python"),
         help="who serves the established connections: the compiled loop (c: frames, "
