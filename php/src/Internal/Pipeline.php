@@ -175,7 +175,7 @@ final class Pipeline
             }
             $region->write($cursor, $bytes);
             $descriptors .= Descriptors::encodeFields(
-                $name,
+                (string) $name,
                 $tensor->dtypeEnum(),
                 $tensor->shape(),
                 Spec::LOCATION_REGION,

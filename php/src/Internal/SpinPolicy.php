@@ -15,8 +15,9 @@ namespace TensorBridge\Internal;
  *
  * Blocking is the starting point. After the first call (blocking), TRY_CALLS calls spin; if
  * they were not faster, the next try comes after BACKOFF_MIN calls, then twice as many, up to
- * BACKOFF_MAX. While spinning, one call in CHECK_EVERY blocks to keep the other average fresh,
- * and three replies in a row that do not come within the window stop the spinning at once.
+ * BACKOFF_MAX. While spinning, one call in CHECK_EVERY blocks to keep the other average fresh:
+ * a check that finds spinning no longer pays pauses it (the back-off doubles; each check that
+ * holds halves it again), and three replies in a row that miss the window stop it at once.
  *
  * Pure logic: the caller asks before each call and reports how it went.
  *
@@ -126,9 +127,11 @@ final class SpinPolicy
         if ($spunMicros === 0) {
             $block = self::average($block, $rtt);
             if ($mode === self::SPIN) { // a check call: does spinning still pay?
+                // a check that holds halves the back-off; one that fails pauses and doubles it,
+                // so spinning that flips on and off settles on pausing long
                 $this->state[$model] = self::pays($spin, $block)
-                    ? [self::SPIN, $spin, $block, self::CHECK_EVERY - 1, $backoff, $score]
-                    : [self::BLOCK, 0, $block, self::BACKOFF_MIN, self::BACKOFF_MIN * 2, self::FULL];
+                    ? [self::SPIN, $spin, $block, self::CHECK_EVERY - 1, max($backoff >> 1, self::BACKOFF_MIN), $score]
+                    : [self::BLOCK, 0, $block, $backoff, min($backoff * 2, self::BACKOFF_MAX), self::FULL];
                 return;
             }
             $this->state[$model] = [$mode, $spin, $block, max($left - 1, 0), $backoff, $score];
@@ -146,7 +149,7 @@ final class SpinPolicy
             $this->state[$model] = [self::TRY, $spin, $block, $left, $backoff, $score];
         } elseif (!$missing && self::pays($spin, $block)) {
             $left = $mode === self::TRY ? self::CHECK_EVERY - 1 : max($left, 0);
-            $this->state[$model] = [self::SPIN, $spin, $block, $left, self::BACKOFF_MIN, $score];
+            $this->state[$model] = [self::SPIN, $spin, $block, $left, $backoff, $score];
         } else {
             // spinning does not pay now: pause, and wait longer before each further try
             $this->state[$model] = [self::BLOCK, 0, $block, $backoff, min($backoff * 2, self::BACKOFF_MAX), self::FULL];
