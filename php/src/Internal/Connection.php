@@ -235,6 +235,12 @@ final class Connection
     public function readFrame(int $deadline, int $spinMicros = 0, bool $readAhead = false): array
     {
         $this->spinHit = null;
+        if ($readAhead && $spinMicros === 0 && $this->pending === '') {
+            $frame = $this->readWholeFrame($deadline);
+            if ($frame !== null) {
+                return $frame;
+            }
+        }
         $raw = $this->readExact(Spec::HEADER_SIZE, $deadline, $spinMicros, false, $readAhead);
         try {
             $header = Wire::decodeHeader($raw);
@@ -244,6 +250,52 @@ final class Connection
         }
         $body = $header->bodyLen === 0 ? '' : $this->readExact($header->bodyLen, $deadline, 0, true, $readAhead);
         return [$header, $body];
+    }
+
+    /**
+     * The usual read of a reply, in one piece: sleep until the socket is readable, then one
+     * recv() that takes the whole frame and whatever follows it (kept for the next read). Null
+     * when that recv() did not bring a whole frame (what it brought is kept for readExact()).
+     *
+     * @return array{0: FrameHeader, 1: string}|null
+     */
+    private function readWholeFrame(int $deadline): ?array
+    {
+        $sock = $this->socket();
+        if (!$this->wait(true, $deadline)) {
+            throw new TimeoutException(
+                sprintf('timed out after %.3f s waiting for the server at %s', $this->timeout, $this->path),
+                $this->timeout,
+            );
+        }
+        $buf = '';
+        $n = @socket_recv($sock, $buf, self::READ_AHEAD, MSG_DONTWAIT);
+        if ($n === false) {
+            $err = socket_last_error($sock);
+            socket_clear_error($sock);
+            if ($err !== SOCKET_EAGAIN && $err !== SOCKET_EINTR) {
+                throw $this->ioError($err);
+            }
+            return null;
+        }
+        if ($n === 0) {
+            throw $this->ioError(0);
+        }
+        if ($n >= Spec::HEADER_SIZE) {
+            try {
+                $header = Wire::decodeHeader($n === Spec::HEADER_SIZE ? $buf : substr($buf, 0, Spec::HEADER_SIZE));
+            } catch (ProtocolException $e) {
+                $this->drop();
+                throw $e;
+            }
+            $end = Spec::HEADER_SIZE + $header->bodyLen;
+            if ($n >= $end) {
+                $this->pending = $n === $end ? '' : substr($buf, $end);
+                return [$header, $header->bodyLen === 0 ? '' : substr($buf, Spec::HEADER_SIZE, $header->bodyLen)];
+            }
+        }
+        $this->pending = $buf;
+        return null;
     }
 
     /**
