@@ -27,8 +27,12 @@
 #define MAX_RECORDS 320 /* at most MAX_RECORDS - MAX_EVENTS frames a turn */
 #define RETRIES 16
 /* How long a loop thread hands its frames to the thread running Python rather than queueing
- * for the GIL itself: a quick call is over by then, a slow one must not hold everyone. */
-#define COMBINE_WAIT_S 0.001
+ * for the GIL itself: a quick call is over by then, a slow one must not hold everyone. Longer
+ * than a scheduler time slice on a loaded machine: a combiner that is merely preempted holds
+ * the GIL, and queueing for it then only adds hand-overs (2 CPUs, 64 PHP processes, no
+ * client spin: 1 ms cost 43-54 us of server CPU and 1.3-1.5 wake-ups a request at 12k req/s,
+ * 5 ms 25-30 us and 0.7-0.8 at 23k req/s; bench/probe.py, 2026-12-01 13:45 UTC, load 8-12). */
+#define COMBINE_WAIT_S 0.005
 
 /* A loop thread's scratch: its records, the connections it owns this turn, those to flush. */
 typedef struct {
