@@ -67,12 +67,12 @@ final class SpinPolicyTest extends TestCase
         self::assertLessThan(60, array_sum($plan), 'only the tries spin');
     }
 
-    public function testAutoStopsAfterThreeRepliesInARowMissTheWindow(): void
+    public function testAutoStopsWhenTwoRepliesInARowMissTheWindow(): void
     {
         $p = SpinPolicy::of(null);
         $plan = $this->drive($p, 200, spinNs: 30_000, blockNs: 70_000, hit: true);
         self::assertTrue($p->wouldSpin('m'));
-        for ($i = 0; $i < 3; $i++) { // now the cores are busy: replies take 600 µs
+        for ($i = 0; $i < 2; $i++) { // now the cores are busy: replies take 600 µs
             $spin = $p->spinMicros('m');
             $p->record('m', $spin, $spin > 0 ? false : null, 600_000);
         }
