@@ -17,8 +17,9 @@ namespace TensorBridge\Internal;
  * they were not faster, the next try comes after BACKOFF_MIN calls, then twice as many, up to
  * BACKOFF_MAX. While spinning, one call in CHECK_EVERY blocks to keep the other average fresh:
  * a check that finds spinning no longer pays pauses it (the back-off doubles; each check that
- * holds halves it again), and replies that miss the window stop it at once (two in a row, or
- * two in four: where other callers compete for the cores, replies come late that often).
+ * holds halves it again). Replies that miss the window stop it at once: two in a try of four
+ * (where other callers compete for the cores, replies come late that often), three in a row
+ * once spinning.
  *
  * Pure logic: the caller asks before each call and reports how it went.
  *
@@ -145,7 +146,9 @@ final class SpinPolicy
             $left = self::TRY_CALLS;
         }
         $left--;
-        $missing = $score < self::FULL * 3 / 4;
+        // a try must be near perfect (one late reply in four at most); established spinning
+        // stops when about half the replies come late
+        $missing = $score < ($mode === self::SPIN ? self::FULL / 2 : self::FULL * 3 / 4);
         if ($mode === self::TRY && $left > 0 && !$missing) {
             $this->state[$model] = [self::TRY, $spin, $block, $left, $backoff, $score];
         } elseif (!$missing && self::pays($spin, $block)) {
