@@ -166,8 +166,7 @@ def _exposed_names() -> set[str]:
     """Metric families a server with every kind of sample exposes."""
     m = Metrics(1 << 30)
     m.model_loaded("m", 0.5, 2)
-    m.request_done("m", "ok", queue_s=0.001, preprocess_s=0.0001, compute_s=0.002,
-                   total_s=0.004)
+    m.answered("m", 1, "ok", 0.001, 0.0001, 0.002, 0.004)
     m.error("invalid_input", "m")
     m.batch("m", 4)
     names = set()

@@ -31,16 +31,16 @@ def value(found: dict, name: str, **labels: str) -> float:
     return found.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_request_done_counts_and_observes_every_stage() -> None:
+def test_answered_counts_and_observes_every_stage() -> None:
     m = Metrics(1 << 20)
     m.model_loaded("digits", 1.25, 2)
-    m.request_done("digits", "ok", queue_s=0.0002, preprocess_s=0.00005, compute_s=0.003,
-                   total_s=0.004)
-    m.request_done("digits", "invalid_input", queue_s=0, preprocess_s=0, compute_s=0,
-                   total_s=0.0001)
+    m.answered("digits", 1, "ok", 0.0002, 0.00005, 0.003, 0.004)
+    m.answered("digits", 1, "invalid_input", 0, 0, 0, 0.0001)
     s = samples(m.text())
     assert value(s, "tensorbridge_requests_total", model="digits", status="ok") == 1
     assert value(s, "tensorbridge_requests_total", model="digits", status="invalid_input") == 1
+    assert value(s, "tensorbridge_model_version_requests_total", model="digits", version="1",
+                 status="ok") == 1
     for stage in ("queue_wait", "preprocess", "compute", "request_duration"):
         assert value(s, f"tensorbridge_{stage}_seconds_count", model="digits") == 2
     # 3 ms of compute lands in the 5 ms bucket, not in the 2.5 ms one.
@@ -74,8 +74,7 @@ def test_client_chosen_model_names_do_not_create_series() -> None:
     m.model_loaded("echo", 0, 1)
     for i in range(500):
         m.error("model_not_found", f"random-{i}")
-        m.request_done(f"random-{i}", "model_not_found", queue_s=0, preprocess_s=0,
-                       compute_s=0, total_s=0)
+        m.answered(f"random-{i}", 1, "model_not_found", 0, 0, 0, 0)
     s = samples(m.text())
     assert value(s, "tensorbridge_errors_total", code="model_not_found",
                  model=OTHER_MODEL) == 500
@@ -91,8 +90,9 @@ def test_gauges_and_shm_ratio() -> None:
     m = Metrics(1000)
     m.shm_mapped(900)
     m.connections(2)
-    m.in_flight(3)
-    m.in_flight(-1)
+    for _ in range(3):
+        m.received()
+    m.answered_one()
     s = samples(m.text())
     assert value(s, "tensorbridge_shm_mapped_bytes") == 900
     assert value(s, "tensorbridge_shm_cap_bytes") == 1000

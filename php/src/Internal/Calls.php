@@ -105,7 +105,7 @@ final class Calls
             if ($version !== null || $routingKey !== null) {
                 Inputs::checkRoute($version, $routingKey);
             }
-            $tensors = Inputs::allTensors($inputs) ? $inputs : $this->tensors($model, $inputs, $deadline);
+            $tensors = $this->tensors($model, $inputs, $deadline);
             $replies = $this->transport->infer($model, [$tensors], $deadline, $version, $routingKey);
             $answer = $replies->items[0];
             if ($answer instanceof Reply) {

@@ -165,26 +165,12 @@ final class Pipeline
         }
         $model = $target->model;
         $size = $region->size;
-        $descriptors = '';
-        $cursor = 0; // the region is ours alone: the request starts at 0 (RequestLayout::place())
-        foreach ($tensors as $name => $tensor) {
-            $bytes = $tensor->bytes();
-            $len = strlen($bytes);
-            if ($len > $size - $cursor) {
-                return null; // pipeline() attaches a larger region
-            }
-            $region->write($cursor, $bytes);
-            $descriptors .= Descriptors::encodeFields(
-                (string) $name,
-                $tensor->dtypeEnum(),
-                $tensor->shape(),
-                Spec::LOCATION_REGION,
-                $cursor,
-                $len,
-                0,
-            );
-            $cursor = ($cursor + $len + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1);
+        // the region is ours alone: the request starts at 0 (RequestLayout::place())
+        $written = RequestLayout::writeInputs($region, $tensors, 0, false, $size);
+        if ($written === null) {
+            return null; // pipeline() attaches a larger region
         }
+        [$descriptors, $cursor] = $written;
         $capacity = RequestLayout::outputArea(
             $index?->outputBytes($model, $tensors),
             $cursor,
@@ -224,7 +210,7 @@ final class Pipeline
             if ($e->errorCode() !== null && $conn->isOpen()) {
                 return [[$e], null]; // the server's answer to this request
             }
-            $end = min(($cursor + $capacity + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1), $size);
+            $end = min(RequestLayout::align($cursor + $capacity), $size);
             return [[], $this->awaitFailure($e, $conn, [$id => [0, $end]], $model, $deadline)];
         }
     }

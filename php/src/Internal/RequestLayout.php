@@ -87,22 +87,7 @@ final class RequestLayout
         $plans = [];
         foreach ($requests as $i => $tensors) {
             $start = $cursor;
-            $descriptors = '';
-            foreach ($tensors as $name => $tensor) {
-                $bytes = $tensor->bytes();
-                $len = strlen($bytes);
-                $region->write($cursor, $bytes);
-                $descriptors .= Descriptors::encodeFields(
-                    (string) $name,
-                    $tensor->dtypeEnum(),
-                    $tensor->shape(),
-                    Spec::LOCATION_REGION,
-                    $cursor,
-                    $len,
-                    $checksums ? Wire::crc32c($bytes) : 0,
-                );
-                $cursor = ($cursor + $len + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1);
-            }
+            [$descriptors, $cursor] = self::writeInputs($region, $tensors, $cursor, $checksums, null);
             $outOffset = $cursor;
             $capacity = min($outAreas[$i], $region->size - $outOffset);
             $cursor = self::align($outOffset + $capacity);
@@ -110,6 +95,38 @@ final class RequestLayout
             $plans[] = new PlannedRequest($nextId(), $start, $end, $outOffset, $capacity, $descriptors, count($tensors));
         }
         return $plans;
+    }
+
+    /**
+     * Writes one request's inputs into the region from $cursor, each aligned: their descriptors
+     * and the aligned offset after them; null (some inputs may be written) when an input would
+     * end past $limit (null: the caller has checked that they fit).
+     *
+     * @param array<string, Tensor> $tensors
+     * @return array{0: string, 1: int}|null
+     */
+    public static function writeInputs(Region $region, array $tensors, int $cursor, bool $checksums, ?int $limit): ?array
+    {
+        $descriptors = '';
+        foreach ($tensors as $name => $tensor) {
+            $bytes = $tensor->bytes();
+            $len = strlen($bytes);
+            if ($limit !== null && $len > $limit - $cursor) {
+                return null;
+            }
+            $region->write($cursor, $bytes);
+            $descriptors .= Descriptors::encodeFields(
+                (string) $name,
+                $tensor->dtypeEnum(),
+                $tensor->shape(),
+                Spec::LOCATION_REGION,
+                $cursor,
+                $len,
+                $checksums ? Wire::crc32c($bytes) : 0,
+            );
+            $cursor = ($cursor + $len + Spec::ALIGN - 1) & ~(Spec::ALIGN - 1);
+        }
+        return [$descriptors, $cursor];
     }
 
     /**

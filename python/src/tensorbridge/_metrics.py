@@ -127,10 +127,9 @@ class Metrics:
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._http: Any = None
         r = self.registry
-        #: Answered requests waiting to be put into the histograms (``request_done``).
-        #: (model, version or None, status, queue_s, preprocess_s, compute_s, total_s).
-        self._pending: list[tuple[str, int | None, str, float, float, float, float]] = []
-        self._versions: list[tuple[str, int, str]] = []
+        #: Answered requests waiting to be put into the counters and histograms (``answered``):
+        #: (model, version, status, queue_s, preprocess_s, compute_s, total_s).
+        self._pending: list[tuple[str, int, str, float, float, float, float]] = []
         self._pending_lock = threading.Lock()
         r.register(_Flush(self))  # first: every scrape takes the pending requests in
         # process_resident_memory_bytes, process_open_fds: what the soak tests watch too.
@@ -160,7 +159,8 @@ class Metrics:
         # Counted on every request by two counters whose next() is atomic (no lock), read
         # when scraped.
         self._received, self._answered = itertools.count(), itertools.count()
-        #: ``in_flight(1)`` and ``in_flight(-1)`` as C calls (no Python frame: the hot path).
+        #: One request received / answered (its in-flight count): C calls, no Python frame
+        #: on the hot path.
         self.received: Callable[[], int] = partial(next, self._received)
         self.answered_one: Callable[[], int] = partial(next, self._answered)
         in_flight.set_function(self._in_flight_now)
@@ -232,33 +232,18 @@ class Metrics:
             self._known.add(model)
         self._version_ready.labels(model, str(version)).set(1 if ready else 0)
 
-    def version_request(self, model: str, version: int, status: str) -> None:
-        """One INFER answered by ``version`` of a known model (counted in bulk, as
-        ``request_done``)."""
-        with self._pending_lock:
-            self._versions.append((model, version, status))
-
     def instances_alive(self, model: str, n: int) -> None:
         """How many of the model's instances are healthy now."""
         self._alive.labels(self._model(model)).set(n)
 
     def answered(self, model: str, version: int, status: str, queue_s: float,
                  preprocess_s: float, compute_s: float, total_s: float) -> None:
-        """``request_done`` and ``version_request`` of one INFER in one call (its hot path)."""
-        with self._pending_lock:
-            self._pending.append((model, version, status, queue_s, preprocess_s, compute_s,
-                                  total_s))
-            full = len(self._pending) >= FLUSH_EVERY
-        if full:
-            self.flush()
-
-    def request_done(self, model: str, status: str, *, queue_s: float, preprocess_s: float,
-                     compute_s: float, total_s: float) -> None:
-        """One INFER answered; ``status`` is ``ok`` or the error name in lower case."""
+        """One INFER answered by ``version`` of ``model``; ``status`` is ``ok`` or the error
+        name in lower case."""
         # On every request, so only noted here: five observations cost ~3 µs a request, a
         # bulk update per (model, status) at the next scrape or FLUSH_EVERY requests ~0.1.
         with self._pending_lock:
-            self._pending.append((model, None, status, queue_s, preprocess_s, compute_s,
+            self._pending.append((model, version, status, queue_s, preprocess_s, compute_s,
                                   total_s))
             full = len(self._pending) >= FLUSH_EVERY
         if full:
@@ -268,16 +253,12 @@ class Metrics:
         """Put the answered requests noted so far into the counters and histograms."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
-            versions, self._versions = self._versions, []
         # Grouped by C-level passes (map, Counter): a flush takes ~0.1 µs a request.
         noted = Counter_(map(_NOTED_KEY, pending))
-        counts = Counter_(versions)
         by_status: dict[tuple[str, str], int] = {}
-        for (model, version, status), n in noted.items():
-            if version is not None:
-                counts[(model, version, status)] += n
+        for (model, _, status), n in noted.items():
             by_status[(model, status)] = by_status.get((model, status), 0) + n
-        for key, n in counts.items():
+        for key, n in noted.items():
             child = self._version_children.get(key)
             if child is None:
                 model, version, status = key
@@ -308,7 +289,7 @@ class Metrics:
         if child is None:
             label = self._model(model) if model else ""
             child = self._listener.labels(listener, label, status)
-            if label == model:  # as request_done: "_other" names are not cached one by one
+            if label == model:  # as in flush: "_other" names are not cached one by one
                 self._listener_children[key] = child
         child.inc()
 
@@ -319,18 +300,6 @@ class Metrics:
     def batch(self, model: str, size: int) -> None:
         """One model call computed ``size`` requests together."""
         self._batch.labels(self._model(model)).observe(size)
-
-    def in_flight(self, delta: int) -> None:
-        """Requests received (+1) or answered (-1)."""
-        if delta == 1:
-            next(self._received)
-            return
-        if delta == -1:
-            next(self._answered)
-            return
-        counter = self._received if delta > 0 else self._answered
-        for _ in range(abs(delta)):
-            next(counter)
 
     def _in_flight_now(self) -> float:
         return float(taken(self._received) - taken(self._answered))

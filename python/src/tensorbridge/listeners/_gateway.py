@@ -89,7 +89,7 @@ class _Waiter:
             request.result = None
             if request.served is not None:
                 request.served.release()
-            self.gateway.server.metrics.in_flight(-1)
+            self.gateway.server.metrics.answered_one()
             with self.gateway.lock:
                 self.gateway.pending -= 1
             if self.done is not None:
@@ -148,7 +148,7 @@ class Gateway:
                           key=key, preprocess_s=preprocess_s, served=served)
         with self.lock:
             self.pending += 1
-        server.metrics.in_flight(1)
+        server.metrics.received()
         instance = queue.try_claim()
         if instance is not None:
             queue.run_claimed(instance, request)  # answered (waiter.answer) before it returns
@@ -212,9 +212,7 @@ class Gateway:
     def _count(self, front: str, model: str, version: int, status: str, queue_s: float,
                pre_s: float, compute_s: float, total_s: float) -> None:
         metrics = self.server.metrics
-        metrics.request_done(model, status, queue_s=queue_s, preprocess_s=pre_s,
-                             compute_s=compute_s, total_s=total_s)
-        metrics.version_request(model, version, status)
+        metrics.answered(model, version, status, queue_s, pre_s, compute_s, total_s)
         metrics.listener_request(front, model, status)
 
 

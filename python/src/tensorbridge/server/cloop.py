@@ -141,9 +141,8 @@ class LoopConnection(Peer):
                 return False
             outputs.append((name, code, value.numpy()))
         done = time.monotonic()
-        arrived = request.arrived
         pre_s = request.preprocess_s
-        queue_s = max(0.0, request.started - arrived - pre_s)
+        queue_s = max(0.0, request.started - request.arrived - pre_s)
         compute_s = done - request.started
         frame = request.frame
         result = self._loop.reply_ok(self.cid, request.seq, request.request_id,
@@ -154,12 +153,7 @@ class LoopConnection(Peer):
             return False
         request.inputs.clear()  # views into the region must not outlive the request
         request.result = None
-        server = self.server
-        server.metrics.answered(model.name, model.version, "ok", queue_s, pre_s, compute_s,
-                                done - arrived)
-        slow = server.config.slow_ms
-        if slow and (done - arrived) * 1000 > slow:
-            infer.log_slow(request, queue_s, done)
+        infer.record_ok(self, request, queue_s, pre_s, compute_s, done)
         if result == 1:
             self.closed_by_loop()
         return True

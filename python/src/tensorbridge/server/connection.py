@@ -258,7 +258,7 @@ class Connection(Peer):
         self.emit(request.seq, infer.reply_frame(self, request))
         if request.served is not None:
             request.served.release()
-        self.server.metrics.in_flight(-1)
+        self.server.metrics.answered_one()
         self._finished()
 
     def answer_later(self, seq: int, work: Callable[[], bytes]) -> None:
@@ -385,7 +385,7 @@ class Connection(Peer):
     def _submit(self, request: Request) -> None:
         with self.lock:
             self.pending += 1  # before the queue sees it: a worker may finish at once
-        self.server.metrics.in_flight(1)
+        self.server.metrics.received()
         if not self.server.dispatch(request):
             request.finish(infer.queue_full(request.model), 0)
 

@@ -170,19 +170,13 @@ def record_ok(conn: Peer, request: Request, queue_s: float, pre_s: float, comput
     """Count an answered request in the metrics, and log it if slow."""
     model = request.model
     count(conn, model, "ok", queue_s, pre_s, compute_s, done - request.arrived)
-    slow = conn.server.config.slow_ms
-    if slow and (done - request.arrived) * 1000 > slow:
-        log_slow(request, queue_s, done)
-
-
-def log_slow(request: Request, queue_s: float, done: float) -> None:
-    """The warning of a request that took longer than ``slow_ms``."""
-    name = request.model.name
     total_ms = (done - request.arrived) * 1000
-    log.warning("slow request: model %r took %.1f ms (queued %.1f ms)", name,
-                total_ms, queue_s * 1000,
-                extra={"model": name, "rid": request.request_id,
-                       "total_ms": round(total_ms, 3), "queue_ms": round(queue_s * 1000, 3)})
+    slow = conn.server.config.slow_ms
+    if slow and total_ms > slow:
+        log.warning("slow request: model %r took %.1f ms (queued %.1f ms)", model.name,
+                    total_ms, queue_s * 1000,
+                    extra={"model": model.name, "rid": request.request_id,
+                           "total_ms": round(total_ms, 3), "queue_ms": round(queue_s * 1000, 3)})
 
 
 def _error_frame(conn: Peer, request: Request, error: TensorBridgeError) -> bytes:
